@@ -181,7 +181,7 @@ pub async fn settings_devices_blocks(s: &Stores) {
     assert_eq!(among, vec![(a.id.clone(), b.id.clone())]);
     assert!(s
         .users
-        .blocks_among(&[a.id.clone()])
+        .blocks_among(std::slice::from_ref(&a.id))
         .await
         .unwrap()
         .is_empty());
@@ -330,7 +330,7 @@ pub async fn groups_membership_and_contacts(s: &Stores) {
     let m2 = make_user(s, "m").await;
     let g = s
         .rooms
-        .create_group(&o.id, "team", &[m1.id.clone()])
+        .create_group(&o.id, "team", std::slice::from_ref(&m1.id))
         .await
         .unwrap();
     assert_eq!(g.kind, RoomKind::Group);
