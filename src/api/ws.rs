@@ -161,7 +161,19 @@ async fn read_loop(
                 handle.close(1001, "idle timeout");
                 return;
             }
-            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(None) => return,
+            Ok(Some(Err(e))) => {
+                let too_big = e
+                    .into_inner()
+                    .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                    .is_some_and(|t| {
+                        matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_))
+                    });
+                if too_big {
+                    handle.close(1009, "frame too large");
+                }
+                return;
+            }
             Ok(Some(Ok(m))) => m,
         };
         match msg {
