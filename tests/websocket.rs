@@ -28,7 +28,7 @@ async fn upgrade_needs_a_valid_token() {
         format!("Bearer {}", u.token).parse().unwrap(),
     );
     let (stream, _) = tokio_tungstenite::connect_async(req).await.unwrap();
-    let mut ws = Ws { stream };
+    let mut ws = Ws::new(stream);
     assert_eq!(ws.next_of("ready").await["user_id"], u.id.as_str());
 }
 

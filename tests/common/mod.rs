@@ -205,7 +205,7 @@ impl TestApp {
     pub async fn ws_raw(&self, token: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
         let url = format!("ws://{}/ws?access_token={token}", self.addr);
         let (stream, _) = tokio_tungstenite::connect_async(url).await?;
-        Ok(Ws { stream })
+        Ok(Ws::new(stream))
     }
 
     /// Shuts the node down and waits for it to finish draining.
@@ -225,9 +225,40 @@ pub struct Ws {
     pub stream: tokio_tungstenite::WebSocketStream<
         tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
     >,
+    /// The close code, once the server closed the socket.
+    pub last_close: Option<u16>,
 }
 
 impl Ws {
+    pub fn new(
+        stream: tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    ) -> Self {
+        Self {
+            stream,
+            last_close: None,
+        }
+    }
+
+    /// The next JSON frame, or None at close (recording the close code).
+    pub async fn stream_next(&mut self) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.stream.next())
+                .await
+                .expect("a frame within the timeout");
+            match m {
+                None | Some(Err(_)) => return None,
+                Some(Ok(WsMessage::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(WsMessage::Close(f))) => {
+                    self.last_close = f.map(|f| u16::from(f.code));
+                    return None;
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     pub async fn send(&mut self, v: Value) {
         self.stream
             .send(WsMessage::Text(v.to_string().into()))
