@@ -298,7 +298,10 @@ impl Hub {
     /// is the source of truth and clients recover by cursor.
     pub async fn publish(&self, route: Route, event: Event) {
         let env = Envelope::new(&self.node_id, event);
-        match self.broker.publish(route, env).await {
+        let started = std::time::Instant::now();
+        let r = self.broker.publish(route, env).await;
+        metrics::histogram!("chatd_broker_publish_seconds").record(started.elapsed().as_secs_f64());
+        match r {
             Ok(()) => {
                 self.broker_down.store(false, Ordering::Relaxed);
             }

@@ -129,6 +129,7 @@ pub struct RoomState {
 }
 
 struct Pending {
+    received: Instant,
     new: NewMessage,
     reply: Replier,
     audience: Arc<Audience>,
@@ -204,6 +205,7 @@ impl Actor for RoomActor {
                     return Ok(());
                 }
                 let pending = Pending {
+                    received: Instant::now(),
                     new: NewMessage {
                         room_id: st.room_id.clone(),
                         sender_id: sender,
@@ -434,6 +436,7 @@ async fn finish(hub: &Hub, p: Pending, r: Result<Appended, StoreError>) {
     };
     let message: Message = appended.message.clone();
     let duplicate = appended.duplicate;
+    metrics::histogram!("chatd_ack_latency_seconds").record(p.received.elapsed().as_secs_f64());
     match p.reply {
         Replier::Socket(s) => {
             s.push(ack_frame(&message));
