@@ -398,6 +398,7 @@
   let pingTimer = null;
   let pongTimer = null;
   let wantSocket = false;
+  let reconnectMark = null; // {roomId, seq}: the open room's first seq after a reconnect
 
   function setConn(state, text) {
     const c = $('conn');
@@ -463,12 +464,12 @@
     if (!wantSocket) { setConn('idle', ''); return; }
     clearTimeout(reconnectTimer);
     if (navigator.onLine === false) {
-      setConn('offline', 'Offline — waiting for the network');
+      setConn('offline', 'Offline');
     }
     const base = Math.min(30000, 500 * 2 ** Math.min(attempt, 6));
     const delay = Math.round(base / 2 + Math.random() * base / 2);
     attempt++;
-    if (navigator.onLine !== false) setConn('reconnecting', `Disconnected — reconnecting in ${Math.ceil(delay / 1000)} s`);
+    if (navigator.onLine !== false) setConn('reconnecting', `Reconnecting in ${Math.ceil(delay / 1000)} s`);
     reconnectTimer = setTimeout(() => { reconnectTimer = null; connect(); }, delay);
   }
 
@@ -498,7 +499,7 @@
     return true;
   }
 
-  window.addEventListener('offline', () => { if (wantSocket) { dropSocket(); setConn('offline', 'Offline — waiting for the network'); } });
+  window.addEventListener('offline', () => { if (wantSocket) { dropSocket(); setConn('offline', 'Offline'); } });
   window.addEventListener('online', () => reconnectNow());
 
   function onFrame(f) {
@@ -544,7 +545,10 @@
     for (const p of S.pending.values()) if (p.state === 'pending') transmit(p);
     // The open room asks for everything after what it shows.
     const open = S.openRoomId;
-    if (open && cacheFor(open).loaded) wsSend({ type: 'sync', room_id: open, after_seq: maxSeq(open), limit: 100 });
+    if (open && cacheFor(open).loaded) {
+      reconnectMark = { roomId: open, seq: maxSeq(open) + 1 };
+      wsSend({ type: 'sync', room_id: open, after_seq: maxSeq(open), limit: 100 });
+    }
     markRead();
     render();
   }
@@ -578,6 +582,11 @@
     }
     if (!room.last_message || m.seq >= room.last_message.seq) room.last_message = m;
     if (!mine) cursorSoon('delivered', room.id, m.seq);
+    // What arrives in the open room right after a reconnect was missed: mark where it starts.
+    if (!mine && reconnectMark && reconnectMark.roomId === room.id && room.id === S.openRoomId && m.seq >= reconnectMark.seq) {
+      divider = { roomId: room.id, seq: reconnectMark.seq, label: 'Missed while you were offline' };
+      reconnectMark = null;
+    }
     if (mine) updateCursor(room, myId(), m.seq, m.seq); // one's own message counts as read
     // A hole below a live message in the open room: ask for what is missing.
     if (room.id === S.openRoomId && c.loaded && prevMax && m.seq > prevMax + 1 && wsReady) {
@@ -831,6 +840,11 @@
     S.openRoomId = id;
     msgEls.clear();
     $('message-items').textContent = '';
+    const known = S.rooms.get(id);
+    divider = known && known.unread > 0
+      ? { roomId: id, seq: known.myRead + 1, label: known.unread === 1 ? '1 new message' : `${known.unread} new messages` }
+      : null;
+    reconnectMark = null;
     $('chat-view').dataset.pane = 'conversation';
     $('conversation').hidden = false;
     $('placeholder').hidden = true;
@@ -856,7 +870,7 @@
     }
     if (S.openRoomId !== id) return;
     if (wsReady) wsSend({ type: 'sync', room_id: id, after_seq: maxSeq(id), limit: 100 });
-    render({ toBottom: true });
+    render({ toBottom: divider ? 'divider' : true });
     markRead();
     if (!isPhone()) $('composer-input').focus();
   }
@@ -890,6 +904,7 @@
   function closeRoom() {
     stopTyping();
     S.openRoomId = null;
+    divider = null;
     $('chat-view').dataset.pane = 'list';
     $('conversation').hidden = true;
     $('placeholder').hidden = false;
@@ -1069,8 +1084,10 @@
     } else {
       dot.hidden = true;
       block.hidden = true;
-      const n = room.memberIds.length;
-      setText(sub, n ? `${n} members` : '');
+      const ids = [myId(), ...room.memberIds.filter((u) => u !== myId())].filter(Boolean);
+      const names = ids.slice(0, 4).map(userName);
+      const more = room.memberIds.length - names.length;
+      setText(sub, room.memberIds.length ? `${names.join(', ')}${more > 0 ? ` and ${more} more` : ''}` : '');
     }
   }
 
@@ -1087,15 +1104,18 @@
     }
     return read ? 'read' : delivered ? 'delivered' : 'sent';
   }
+  // Ticks on every own message; the word under the latest one.
   const STATUS = {
-    pending: ['Sending…', 'Not yet stored by the server'],
-    sent: ['✓ Sent', 'Stored by the server'],
-    delivered: ['✓✓ Delivered', 'Delivered'],
-    read: ['✓✓ Read', 'Read'],
-    failed: ['Not sent', 'Not sent'],
+    pending: ['…', 'Sending', 'Sending… not yet stored by the server'],
+    sent: ['✓', 'Sent', 'Sent: stored by the server'],
+    delivered: ['✓✓', 'Delivered', 'Delivered to their device'],
+    read: ['✓✓', 'Read', 'Read'],
+    failed: ['!', 'Not sent', 'Not sent'],
   };
 
   const msgEls = new Map(); // key -> li of the open room
+  let divider = null;       // {roomId, seq, label}: "new messages" line in the open room
+  let dividerEl = null;
   function renderMessages({ toBottom = false } = {}) {
     const id = S.openRoomId;
     if (!id) return;
@@ -1107,56 +1127,84 @@
     const ol = $('message-items');
     const pend = [...S.pending.values()].filter((p) => p.room_id === id).sort((a, b) => a.made - b.made);
     const items = [...c.list, ...pend];
+    const lastMine = [...items].reverse().find((m) => m.sender_id === myId());
     const keep = new Set();
     let prev = null;
-    for (const m of items) {
+    let dividerPlaced = false;
+    const place = (node) => {
+      const want = prev ? prev.nextSibling : ol.firstChild;
+      if (want !== node) ol.insertBefore(node, want);
+      prev = node;
+    };
+    for (let i = 0; i < items.length; i++) {
+      const m = items[i];
       const mine = m.sender_id === myId();
+      if (divider && divider.roomId === id && !dividerPlaced && m.seq && m.seq >= divider.seq && !mine) {
+        if (!dividerEl) dividerEl = el('li', { class: 'divider', 'data-testid': 'new-messages-divider', role: 'separator' }, el('span'));
+        setText(dividerEl.firstChild, divider.label);
+        place(dividerEl);
+        dividerPlaced = true;
+      }
       const key = mine && m.client_msg_id ? `c:${m.client_msg_id}` : `m:${m.id}`;
       keep.add(key);
       let li = msgEls.get(key);
       if (!li) {
         li = el('li', { class: `msg${mine ? ' mine' : ''}`, 'data-testid': 'message', 'data-mine': String(mine) },
           (!mine && room.kind !== 'direct') ? el('div', { class: 'sender', 'data-testid': 'message-sender' }) : null,
-          el('div', { class: 'bubble', 'data-testid': 'message-body', text: m.body }),
-          el('div', { class: 'meta' }, el('time', { 'data-testid': 'message-time' })));
-        if (mine) {
-          li.lastElementChild.append(el('span', { class: 'status', 'data-testid': 'message-status', role: 'status' }));
-        }
+          el('div', { class: 'bubble' },
+            el('span', { class: 'body', 'data-testid': 'message-body', text: m.body }),
+            el('span', { class: 'meta' },
+              el('time', { 'data-testid': 'message-time' }),
+              mine ? el('span', { class: 'status', 'data-testid': 'message-status' },
+                el('span', { class: 'ticks', 'aria-hidden': 'true' }), el('span', { class: 'word' })) : null)));
         msgEls.set(key, li);
       }
       if (m.id) li.dataset.id = m.id; else delete li.dataset.id;
       if (m.seq) li.dataset.seq = String(m.seq); else delete li.dataset.seq;
       if (m.client_msg_id) li.dataset.clientMsgId = m.client_msg_id;
+      const next = items[i + 1];
+      li.classList.toggle('run', !!next && next.sender_id === m.sender_id);
       const sender = li.querySelector('.sender');
-      if (sender) setText(sender, userName(m.sender_id));
+      if (sender) {
+        const prevMsg = items[i - 1];
+        sender.hidden = !!prevMsg && prevMsg.sender_id === m.sender_id;
+        setText(sender, userName(m.sender_id));
+      }
       const time = li.querySelector('time');
       if (m.created_at && time.getAttribute('datetime') !== m.created_at) {
         time.setAttribute('datetime', m.created_at);
         time.textContent = fmtTime(m.created_at);
+        time.title = new Date(m.created_at).toLocaleString();
       }
       if (mine) {
         const st = statusOf(room, m);
         const s = li.querySelector('.status');
+        li.classList.toggle('last-mine', m === lastMine || st === 'failed' || st === 'pending');
         if (s.dataset.state !== st) {
           s.dataset.state = st;
           li.dataset.state = st;
-          s.textContent = STATUS[st][0];
-          s.title = m.state === 'failed' && m.error ? m.error : STATUS[st][1];
+          s.firstChild.textContent = STATUS[st][0];
+          s.lastChild.textContent = STATUS[st][1];
+          s.title = m.state === 'failed' && m.error ? m.error : STATUS[st][2];
           const old = li.querySelector('.retry');
           if (old) old.remove();
           if (st === 'failed') {
-            li.lastElementChild.append(el('button', { type: 'button', class: 'link retry', 'data-testid': 'retry-button',
+            li.append(el('button', { type: 'button', class: 'link retry', 'data-testid': 'retry-button',
               text: 'Retry', onclick: () => retry(m.client_msg_id) }));
           }
         }
       }
-      const want = prev ? prev.nextSibling : ol.firstChild;
-      if (want !== li) ol.insertBefore(li, want);
-      prev = li;
+      place(li);
     }
+    if (!dividerPlaced && dividerEl) { dividerEl.remove(); }
     for (const [k, li] of msgEls) if (!keep.has(k)) { li.remove(); msgEls.delete(k); }
     $('load-older').hidden = !(c.loaded && c.hasMore && c.list.length);
-    if (toBottom || atBottom) box.scrollTop = box.scrollHeight;
+    $('conv-empty').hidden = !(c.loaded && items.length === 0);
+    if (toBottom || atBottom) {
+      // Bring the "new messages" line into view rather than jumping past what was missed.
+      if (toBottom === 'divider' && dividerPlaced) dividerEl.scrollIntoView({ block: 'start' });
+      else box.scrollTop = box.scrollHeight;
+    }
   }
 
   function renderTyping() {
@@ -1237,6 +1285,7 @@
     userFetches.clear();
     cursorSent.clear();
     msgEls.clear();
+    divider = null;
     $('room-list').textContent = '';
     $('message-items').textContent = '';
     $('conversation').hidden = true;
@@ -1244,6 +1293,7 @@
     $('chat-view').dataset.pane = 'list';
     setConn('idle', '');
     showAuth();
+    setTab('login');
     if (message) showError(message);
   }
 

@@ -121,8 +121,24 @@ async function send(page, text) {
     [...document.querySelectorAll('[data-testid=message-body]')].some((e) => e.textContent === b), text);
 }
 
+// The page marks where the missed / unread messages start.
+async function dividerBefore(page, body, label, who) {
+  await until(page, `${who}'s "${label}" line right above "${body}"`, ([b, l]) => {
+    const d = document.querySelector('[data-testid=new-messages-divider]');
+    const next = d && d.nextElementSibling;
+    return d && d.textContent.includes(l) && next && next.querySelector('[data-testid=message-body]').textContent === b;
+  }, [body, label]);
+}
+
 // In order by seq, each message once, and exactly the expected bodies in this order.
 async function checkOrderAndUnique(page, expected, who) {
+  // First wait until the page shows exactly these bodies (history loads take a moment) ...
+  try {
+    await page.waitForFunction((exp) => {
+      const shown = [...document.querySelectorAll('[data-testid=message-body]')].map((e) => e.textContent);
+      return JSON.stringify(shown) === JSON.stringify(exp);
+    }, expected, { timeout: T, polling: 100 });
+  } catch (_) { /* ... and if it never does, say what it shows instead, below. */ }
   const msgs = await conversation(page);
   const ids = msgs.map((m) => m.id);
   const dupIds = ids.filter((id, i) => id && ids.indexOf(id) !== i);
@@ -140,6 +156,7 @@ async function checkOrderAndUnique(page, expected, who) {
 
 async function newPage(context, label) {
   const page = await context.newPage();
+  page.setDefaultTimeout(T);
   pages.set(label, page);
   page.on('pageerror', (err) => pageErrors.push(`${label}: ${err.message}`));
   page.on('console', (msg) => consoleLines.push(`${label} ${msg.type()}: ${msg.text()}`));
@@ -306,6 +323,7 @@ async function scenario(browser) {
   await waitConnected(b, 'Bob');
   await waitBodies(b, missed, 'Bob');
   await checkOrderAndUnique(b, [m1, m2, ...missed], 'Bob');
+  await dividerBefore(b, missed[0], 'Missed while you were offline', 'Bob');
   await waitStatus(a, missed[2], 'read', 'Alice');
   await screenshot(b, 'bob-back-online');
   await screenshot(a, 'alice-read-after-reconnect');
@@ -331,6 +349,7 @@ async function scenario(browser) {
   await b.getByTestId('room-item').first().click();
   await waitBodies(b, closed, 'Bob');
   await checkOrderAndUnique(b, [m1, m2, ...missed, ...closed], 'Bob');
+  await dividerBefore(b, closed[0], '2 new messages', 'Bob');
   await waitStatus(a, closed[1], 'read', 'Alice');
   await until(a, "Bob's presence dot to be online again", () => document.querySelector('[data-testid=presence-dot]')?.dataset.online === 'true');
   await checkOrderAndUnique(a, [m1, m2, ...missed, ...closed], 'Alice');
@@ -365,7 +384,7 @@ async function scenario(browser) {
   await until(b, "the group in Bob's room list", (n) =>
     [...document.querySelectorAll('[data-testid=room-name]')].some((e) => e.textContent === n), groupName);
   await screenshot(b, 'bob-room-list-group');
-  await b.locator('[data-testid=room-item]', { hasText: groupName }).click();
+  await b.getByTestId('room-item').filter({ has: b.getByTestId('room-name').getByText(groupName, { exact: true }) }).click();
   await waitBodies(b, [g1], 'Bob');
   await waitStatus(a, g1, 'read', 'Alice');
   await screenshot(a, 'alice-group');
@@ -392,7 +411,7 @@ async function scenario(browser) {
   await waitConnected(b, 'Bob');
   await until(b, "the direct room in Bob's list", (n) =>
     [...document.querySelectorAll('[data-testid=room-name]')].some((e) => e.textContent === n), alice.display);
-  await b.locator('[data-testid=room-item]', { hasText: alice.display }).click();
+  await b.getByTestId('room-item').filter({ has: b.getByTestId('room-name').getByText(alice.display, { exact: true }) }).click();
   await waitBodies(b, ['history 60'], 'Bob');
   const firstPage = await conversation(b);
   if (firstPage.length !== 50) fail(`the first page of history has ${firstPage.length} messages, expected 50`);
