@@ -123,6 +123,57 @@
     auth = a;
     if (a) localStorage.setItem(STORE_KEY, JSON.stringify(a));
     else localStorage.removeItem(STORE_KEY);
+    return shared.put(a);
+  }
+
+  // localStorage reaches other tabs late (each renderer keeps its own copy), so a
+  // tab that just took the refresh lock may still see the pair that another tab has
+  // already spent. IndexedDB transactions are seen by every tab once committed: the
+  // pair is also kept there and read from there inside the lock.
+  const shared = (() => {
+    let dbp = null;
+    const open = () => {
+      if (!window.indexedDB) return Promise.resolve(null);
+      if (!dbp) {
+        dbp = new Promise((resolve) => {
+          try {
+            const req = indexedDB.open('chatd', 1);
+            req.onupgradeneeded = () => req.result.createObjectStore('kv');
+            req.onsuccess = () => resolve(req.result);
+            req.onerror = () => resolve(null);
+            req.onblocked = () => resolve(null);
+          } catch (_) { resolve(null); }
+        });
+      }
+      return dbp;
+    };
+    const tx = async (mode, work) => {
+      const db = await open();
+      if (!db) return undefined;
+      return new Promise((resolve) => {
+        let out;
+        try {
+          const t = db.transaction('kv', mode);
+          const r = work(t.objectStore('kv'));
+          if (r) r.onsuccess = () => { out = r.result; };
+          t.oncomplete = () => resolve(out);
+          t.onerror = () => resolve(undefined);
+          t.onabort = () => resolve(undefined);
+        } catch (_) { resolve(undefined); }
+      });
+    };
+    return {
+      get: () => tx('readonly', (st) => st.get('auth')),
+      put: (a) => tx('readwrite', (st) => (a ? st.put(a, 'auth') : st.delete('auth'))),
+    };
+  })();
+  // The newer of the two stored pairs (they are stamped when issued).
+  async function storedAuth() {
+    const a = loadAuth();
+    const b = await shared.get();
+    if (!a) return null; // logged out (in this tab or another)
+    if (!b) return a;
+    return (b.issued_at || 0) > (a.issued_at || 0) ? b : a;
   }
   function jwtExp(token) {
     try {
@@ -138,6 +189,7 @@
       lifetime = exp ? exp - Date.now() : 5 * 60 * 1000;
     }
     return {
+      issued_at: Date.now(),
       access_token: body.access_token,
       refresh_token: body.refresh_token,
       expires_at: Date.now() + lifetime,
@@ -168,7 +220,7 @@
   }
 
   async function doRefresh({ force = false, failedAccess = null } = {}) {
-    const stored = loadAuth();
+    const stored = await storedAuth();
     if (!stored) { endSession('You were logged out.', { keepStorage: true }); throw new SessionEnded(); }
     if (force) {
       if (failedAccess && stored.access_token !== failedAccess) { adopt(stored); return; }
@@ -188,7 +240,7 @@
     }
     if (!res.ok) {
       const err = await readError(res);
-      const again = loadAuth();
+      const again = await storedAuth();
       if (again && again.refresh_token !== stored.refresh_token) { adopt(again); return; }
       if (res.status === 401) {
         endSession('Your session has ended. Please log in again.');
@@ -197,10 +249,15 @@
       throw err;
     }
     const body = await res.json();
-    saveAuth(authFrom(body, stored.user));
+    await saveAuth(authFrom(body, stored.user)); // committed before the lock is released
     scheduleRefresh();
   }
-  function adopt(a) { auth = a; scheduleRefresh(); }
+  function adopt(a) {
+    const local = loadAuth();
+    if (a && local && (a.issued_at || 0) > (local.issued_at || 0)) localStorage.setItem(STORE_KEY, JSON.stringify(a));
+    auth = a;
+    scheduleRefresh();
+  }
 
   async function withLock(name, fn) {
     if (navigator.locks && navigator.locks.request) return navigator.locks.request(name, fn);
