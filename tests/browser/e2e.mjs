@@ -412,7 +412,8 @@ async function scenario(browser) {
   await until(b, "the direct room in Bob's list", (n) =>
     [...document.querySelectorAll('[data-testid=room-name]')].some((e) => e.textContent === n), alice.display);
   await b.getByTestId('room-item').filter({ has: b.getByTestId('room-name').getByText(alice.display, { exact: true }) }).click();
-  await waitBodies(b, ['history 60'], 'Bob');
+  // The newest 50 (of 67) come first: "history 11" … "history 60".
+  await waitBodies(b, ['history 11', 'history 60'], 'Bob');
   const firstPage = await conversation(b);
   if (firstPage.length !== 50) fail(`the first page of history has ${firstPage.length} messages, expected 50`);
   await visible(b, 'load-older', 'the "Load older messages" button');
