@@ -85,11 +85,12 @@
   }
 
   const errorBox = () => $('errors');
-  function showError(text) {
+  // Transient errors (the server could not be reached) go away once the socket is back.
+  function showError(text, { transient = false } = {}) {
     const box = errorBox();
     // The same words twice in a row only once.
-    for (const e of box.children) if (e.dataset.text === text) e.remove();
-    const item = el('div', { class: 'error', 'data-testid': 'error', 'data-text': text },
+    for (const e of [...box.children]) if (e.dataset.text === text) e.remove();
+    const item = el('div', { class: 'error', 'data-testid': 'error', 'data-text': text, 'data-transient': String(transient) },
       el('span', { text }),
       el('button', { type: 'button', 'aria-label': 'Dismiss', title: 'Dismiss', text: '×',
         onclick: () => item.remove() }));
@@ -100,7 +101,7 @@
     if (err instanceof SessionEnded) return;
     console.error(err);
     const msg = err instanceof ApiError ? err.message : (err && err.message) || String(err);
-    showError(prefix ? `${prefix}: ${msg}` : msg);
+    showError(prefix ? `${prefix}: ${msg}` : msg, { transient: err instanceof ApiError && err.status === 0 });
   }
   // Wrap an event handler so that nothing it throws is swallowed.
   const guard = (fn, prefix) => (...args) => {
@@ -204,8 +205,15 @@
     clearTimeout(refreshTimer);
     if (!auth) return;
     const delay = Math.max(0, auth.expires_at - margin(auth) - Date.now());
-    refreshTimer = setTimeout(() => refreshTokens().catch((e) => report(e, 'Could not renew the session')),
-      Math.min(delay, 2 ** 31 - 1));
+    refreshTimer = setTimeout(() => refreshTokens().catch((e) => {
+      if (e instanceof ApiError && e.status === 0) {
+        // Server out of reach: the status line says so; try again shortly.
+        clearTimeout(refreshTimer);
+        refreshTimer = setTimeout(scheduleRefresh, 5000);
+        return;
+      }
+      report(e, 'Could not renew the session');
+    }), Math.min(delay, 2 ** 31 - 1));
   }
 
   // Only one refresh at a time, across timers in this tab (the shared promise)
@@ -581,6 +589,7 @@
     attempt = 0;
     failedBeforeReady = 0;
     setConn('connected', 'Connected');
+    for (const e of [...errorBox().children]) if (e.dataset.transient === 'true') e.remove();
     startHeartbeat();
     cursorSent.clear(); // a cursor sent just before a drop may be lost: send again when due
     if (f.user_id && S.me && f.user_id !== S.me.id) console.warn('ready for another user', f.user_id);
