@@ -19,7 +19,16 @@ async fn metrics_move_when_messages_flow() {
     let room = app.direct(&a, &b).await;
     let (mut wa, _) = app.ws(&a).await;
     let (mut wb, _) = app.ws(&b).await;
-    let get = || async { app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap() };
+    let get = || async {
+        app.http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    };
     let before = get().await;
     for i in 0..5 {
         wa.send_msg(&room, &format!("m{i}"), "x").await;
@@ -28,10 +37,22 @@ async fn metrics_move_when_messages_flow() {
         wb.next_of("message").await;
     }
     let after = get().await;
-    assert!(metric(&after, "chatd_messages_stored_total") >= metric(&before, "chatd_messages_stored_total") + 5.0);
-    assert!(metric(&after, "chatd_messages_delivered_total") >= metric(&before, "chatd_messages_delivered_total") + 5.0);
-    assert!(after.contains("chatd_ack_latency_seconds_bucket"), "ack latency histogram");
-    assert!(after.contains("chatd_store_append_seconds"), "store latency");
+    assert!(
+        metric(&after, "chatd_messages_stored_total")
+            >= metric(&before, "chatd_messages_stored_total") + 5.0
+    );
+    assert!(
+        metric(&after, "chatd_messages_delivered_total")
+            >= metric(&before, "chatd_messages_delivered_total") + 5.0
+    );
+    assert!(
+        after.contains("chatd_ack_latency_seconds_bucket"),
+        "ack latency histogram"
+    );
+    assert!(
+        after.contains("chatd_store_append_seconds"),
+        "store latency"
+    );
     assert!(metric(&after, "chatd_connections") >= 2.0);
     assert!(after.contains("chatd_http_responses_total"));
 }
@@ -40,7 +61,10 @@ async fn metrics_move_when_messages_flow() {
 async fn responses_carry_a_request_id() {
     let app = spawn_app().await;
     let r = app.http.get(app.url("/healthz")).send().await.unwrap();
-    assert!(r.headers().get("x-request-id").is_some_and(|v| !v.is_empty()));
+    assert!(r
+        .headers()
+        .get("x-request-id")
+        .is_some_and(|v| !v.is_empty()));
     let r = app
         .http
         .get(app.url("/healthz"))

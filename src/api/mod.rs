@@ -103,7 +103,10 @@ impl FromRequestParts<AppState> for AdminUser {
 }
 
 /// Counts HTTP responses by status class.
-async fn count_requests(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+async fn count_requests(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
     let resp = next.run(req).await;
     let class = match resp.status().as_u16() {
         100..=399 => "ok",
