@@ -245,7 +245,7 @@ pub struct Hub {
 }
 
 /// One node as seen in the cluster view.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     pub id: String,
     pub address: String,

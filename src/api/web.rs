@@ -6,19 +6,19 @@
 
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 const INDEX_HTML: &str = include_str!("../../static/index.html");
 const APP_JS: &str = include_str!("../../static/app.js");
 const APP_CSS: &str = include_str!("../../static/app.css");
 
 /// Routes of the web page: `/`, `/app.js`, `/app.css`.
-pub fn router<S: Clone + Send + Sync + 'static>() -> Router<S> {
-    Router::new()
-        .route("/", get(index))
-        .route("/app.js", get(app_js))
-        .route("/app.css", get(app_css))
+pub fn router<S: Clone + Send + Sync + 'static>() -> OpenApiRouter<S> {
+    OpenApiRouter::new()
+        .routes(routes!(index))
+        .routes(routes!(app_js))
+        .routes(routes!(app_css))
 }
 
 fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
@@ -32,14 +32,23 @@ fn asset(content_type: &'static str, body: &'static str) -> impl IntoResponse {
     )
 }
 
+/// The chat page.
+#[utoipa::path(get, path = "/", tag = "web",
+    responses((status = 200, description = "HTML", body = String, content_type = "text/html")))]
 async fn index() -> impl IntoResponse {
     asset("text/html; charset=utf-8", INDEX_HTML)
 }
 
+/// The chat page's script.
+#[utoipa::path(get, path = "/app.js", tag = "web",
+    responses((status = 200, description = "JavaScript", body = String, content_type = "text/javascript")))]
 async fn app_js() -> impl IntoResponse {
     asset("text/javascript; charset=utf-8", APP_JS)
 }
 
+/// The chat page's style sheet.
+#[utoipa::path(get, path = "/app.css", tag = "web",
+    responses((status = 200, description = "CSS", body = String, content_type = "text/css")))]
 async fn app_css() -> impl IntoResponse {
     asset("text/css; charset=utf-8", APP_CSS)
 }

@@ -9,11 +9,11 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::State;
 use axum::http::request::Parts;
 use axum::response::Response;
-use axum::routing::get;
-use axum::Router;
 use futures_util::{SinkExt, StreamExt};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{AppState, Error};
+use super::{AppState, Error, ErrorBody};
 use crate::actors::room::{Replier, RoomMsg};
 use crate::actors::session::SessionMsg;
 use crate::actors::{ActorError, SocketHandle, SocketInbox, CALL_TIMEOUT, CLOSE_GOING_AWAY};
@@ -23,10 +23,20 @@ use crate::protocol::{error_frame, message_frame, ClientFrame, ServerFrame};
 use crate::store::{CursorKind, HistoryQuery};
 
 /// The socket route.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/ws", get(upgrade))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(upgrade))
 }
 
+/// Opens the WebSocket; frames are described in docs/protocol.md.
+#[utoipa::path(get, path = "/ws", tag = "socket",
+    params(("access_token" = Option<String>, Query,
+        description = "the access token, for browsers that cannot set `Authorization`")),
+    security(("bearer" = []), ("access_token" = [])),
+    responses(
+        (status = 101, description = "switched to the WebSocket protocol; the first frame is `ready`"),
+        (status = 400, description = "not a WebSocket upgrade request (plain text)", body = String),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired token", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn upgrade(
     State(st): State<AppState>,

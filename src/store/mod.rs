@@ -41,12 +41,15 @@ pub enum StoreError {
 }
 
 /// A user as stored, without the password hash.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: UserId,
+    #[schema(value_type = String, example = "alice")]
     pub username: Username,
+    #[schema(value_type = String, format = Email)]
     pub email: Email,
     pub display_name: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
     #[serde(skip)]
     pub last_seen: Option<String>,
@@ -62,7 +65,7 @@ pub struct NewUser {
 }
 
 /// Per-user notification switches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct NotificationSettings {
     pub push: bool,
     pub email: bool,
@@ -164,7 +167,7 @@ pub trait AuthStore: Send + Sync {
 }
 
 /// Direct (two users) or group room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RoomKind {
     Direct,
@@ -182,7 +185,7 @@ impl RoomKind {
 }
 
 /// A member's role in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Owner,
@@ -211,22 +214,26 @@ impl Role {
 }
 
 /// A member of a room with its cursors.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Member {
     pub user_id: UserId,
     pub role: Role,
+    #[schema(value_type = i64, minimum = 0)]
     pub delivered_seq: Seq,
+    #[schema(value_type = i64, minimum = 0)]
     pub read_seq: Seq,
 }
 
 /// A room with its members.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Room {
     pub id: RoomId,
     pub kind: RoomKind,
     pub name: Option<String>,
     pub members: Vec<Member>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(value_type = i64, minimum = 0)]
     pub last_seq: Seq,
 }
 
@@ -238,7 +245,7 @@ impl Room {
 }
 
 /// A room as listed for one user.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RoomSummary {
     #[serde(flatten)]
     pub room: Room,
@@ -256,7 +263,7 @@ pub struct RoomCursor {
 }
 
 /// Which cursor to move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CursorKind {
     Delivered,
@@ -302,14 +309,18 @@ pub trait RoomStore: Send + Sync {
 }
 
 /// A stored message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Message {
     pub id: MessageId,
     pub room_id: RoomId,
+    #[schema(value_type = i64, minimum = 0)]
     pub seq: Seq,
     pub sender_id: UserId,
+    #[schema(value_type = String)]
     pub client_msg_id: ClientMsgId,
+    #[schema(value_type = String)]
     pub body: MessageBody,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
