@@ -45,6 +45,7 @@ const KNOWN: &[(&str, &str)] = &[
     ("get", "/metrics"),
     ("get", "/ws"),
     ("get", "/"),
+    ("get", "/admin"),
     ("get", "/api/openapi.json"),
 ];
 
@@ -59,6 +60,9 @@ const PUBLIC: &[(&str, &str)] = &[
     ("get", "/"),
     ("get", "/app.js"),
     ("get", "/app.css"),
+    ("get", "/admin"),
+    ("get", "/admin/admin.js"),
+    ("get", "/admin/admin.css"),
     ("get", "/api/openapi.json"),
 ];
 

@@ -144,7 +144,7 @@ async fn count_requests(
         (name = "admin", description = "live actors and cluster (admin role only)"),
         (name = "socket", description = "the WebSocket upgrade"),
         (name = "health", description = "liveness, readiness, Prometheus metrics"),
-        (name = "web", description = "the built-in chat page and admin page"),
+        (name = "web", description = "the built-in chat page (/) and admin page (/admin)"),
         (name = "meta", description = "this document"),
     )
 )]
