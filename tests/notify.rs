@@ -935,3 +935,127 @@ async fn overloaded_fcm_is_retried_honouring_retry_after() {
     assert_eq!(app.devices(&bob).await, vec!["tok-busy".to_owned()]);
     assert!(app.smtp.mails_to(&bob.email).is_empty());
 }
+
+/// A push sender whose first send panics, inside the pool's worker.
+#[derive(Default)]
+struct CrashesOnce {
+    calls: std::sync::atomic::AtomicUsize,
+    delivered: Mutex<Vec<(String, String)>>,
+}
+
+#[async_trait::async_trait]
+impl chatd::notify::PushSender for CrashesOnce {
+    async fn send(
+        &self,
+        token: &str,
+        push: &chatd::notify::Push,
+    ) -> Result<(), chatd::notify::NotifyError> {
+        if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("injected worker crash");
+        }
+        self.delivered
+            .lock()
+            .unwrap()
+            .push((token.to_owned(), push.body.clone()));
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_crash_loses_no_job() {
+    use chatd::broker::{Broker, Envelope, Event, NotifyJob, Route};
+    use chatd::domain::{ClientMsgId, Email, MessageBody, Username};
+    use chatd::store::{NewMessage, NewUser};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Settings::defaults();
+    s.store.sqlite.path = dir.path().join("crash.db").to_string_lossy().into_owned();
+    s.store.sqlite.synchronous = "normal".into();
+    s.notify.requeue_delay_secs = 0;
+    let limits = s.limits.clone();
+    let stores = chatd::store::open(&s.store).await.unwrap();
+    let broker: Arc<dyn Broker> = Arc::new(chatd::broker::inprocess::InProcess::new("n1"));
+    let hub = chatd::actors::Hub::new(
+        Arc::new(s),
+        "n1".into(),
+        "127.0.0.1:0".into(),
+        stores.clone(),
+        broker.clone(),
+    );
+    let mut ids = Vec::new();
+    for name in ["alice", "bob"] {
+        let u = stores
+            .users
+            .create_user(NewUser {
+                username: Username::parse(name, &limits).unwrap(),
+                email: Email::parse(&format!("{name}@example.com")).unwrap(),
+                display_name: None,
+                password_hash: "unused".into(),
+            })
+            .await
+            .unwrap();
+        ids.push(u.id);
+    }
+    let (alice, bob) = (ids[0].clone(), ids[1].clone());
+    let (room, _) = stores.rooms.create_direct(&alice, &bob).await.unwrap();
+    let stored = stores
+        .messages
+        .append_batch(vec![NewMessage {
+            room_id: room.id.clone(),
+            sender_id: alice.clone(),
+            client_msg_id: ClientMsgId::parse("c1", &limits).unwrap(),
+            body: MessageBody::parse("survives a crash", &limits).unwrap(),
+        }])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap()
+        .message;
+    stores
+        .users
+        .put_device(&bob, "android", "tok-1")
+        .await
+        .unwrap();
+    stores
+        .users
+        .set_last_seen(&bob, &chatd::domain::now_rfc3339())
+        .await
+        .unwrap();
+
+    let push = Arc::new(CrashesOnce::default());
+    let pool = chatd::notify::start_with(hub.clone(), Some(push.clone()), None)
+        .await
+        .unwrap();
+    broker
+        .publish(
+            Route::Notify,
+            Envelope::new(
+                "n1",
+                Event::Notify(NotifyJob {
+                    room_id: room.id.clone(),
+                    message_id: stored.id.clone(),
+                    seq: stored.seq,
+                    sender_id: alice.clone(),
+                    recipients: vec![bob.clone()],
+                    created_at: stored.created_at.clone(),
+                }),
+            ),
+        )
+        .await
+        .unwrap();
+    let delivered = eventually("the push after the crash", || async {
+        let d = push.delivered.lock().unwrap().clone();
+        (!d.is_empty()).then_some(d)
+    })
+    .await;
+    assert_eq!(
+        delivered,
+        vec![("tok-1".to_owned(), "survives a crash".to_owned())]
+    );
+    assert_eq!(push.calls.load(std::sync::atomic::Ordering::SeqCst), 2);
+    hub.shutdown.cancel();
+    tokio::time::timeout(WAIT, pool)
+        .await
+        .expect("the pool stops on shutdown")
+        .unwrap();
+}
