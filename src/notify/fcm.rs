@@ -164,6 +164,9 @@ impl Fcm {
         if !cfg.project_id.trim().is_empty() {
             account.project_id = cfg.project_id.trim().to_owned();
         }
+        if account.project_id.is_empty() || account.client_email.is_empty() {
+            return Err("the service account needs project_id and client_email".into());
+        }
         let key = EncodingKey::from_rsa_pem(account.private_key.as_bytes())
             .map_err(|e| format!("service account private key: {e}"))?;
         let http = reqwest::Client::builder()

@@ -106,17 +106,17 @@ pub async fn decide(ctx: &Context, job: &NotifyJob, user: &UserId) -> Result<Dec
             return Ok(Decision::Push(devices));
         }
     }
-    email_or_skip(ctx, settings.email)
+    Ok(email_or_skip(ctx, settings.email))
 }
 
 /// The e-mail branch: what a push that failed for good falls back to too.
-pub fn email_or_skip(ctx: &Context, email_on: bool) -> Result<Decision, StoreError> {
+pub fn email_or_skip(ctx: &Context, email_on: bool) -> Decision {
     if !email_on {
-        Ok(Decision::Skip("settings"))
+        Decision::Skip("settings")
     } else if ctx.mail.is_none() {
-        Ok(Decision::Skip("no_channel"))
+        Decision::Skip("no_channel")
     } else {
-        Ok(Decision::Email)
+        Decision::Email
     }
 }
 

@@ -320,8 +320,11 @@ pub struct NotifyWorker;
 pub struct WorkerState {
     ctx: Arc<Context>,
     digests: HashMap<UserId, Digest>,
-    generation: u64,
 }
+
+/// Numbers e-mail windows process-wide, so a window timer of a crashed
+/// worker can never close a window of its replacement.
+static WINDOWS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 struct Digest {
     generation: u64,
@@ -343,7 +346,6 @@ impl Worker for NotifyWorker {
         Ok(WorkerState {
             ctx,
             digests: HashMap::new(),
-            generation: 0,
         })
     }
 
@@ -391,7 +393,7 @@ async fn notify(
             Ok(Pushed::MessageGone) => Decision::Skip("message_gone"),
             // Push failed for good (or every token was stale): e-mail.
             Ok(Pushed::FallBack) => match ctx.hub.stores.users.notification_settings(user).await {
-                Ok(s) => policy::email_or_skip(&ctx, s.email).unwrap_or(Decision::Email),
+                Ok(s) => policy::email_or_skip(&ctx, s.email),
                 Err(e) => {
                     tracing::warn!(error = %e, "notification settings unavailable; retrying later");
                     let _ = done.send(Outcome::Retry);
@@ -490,8 +492,7 @@ fn enqueue(
         d.entries.push(entry);
         return;
     }
-    st.generation += 1;
-    let generation = st.generation;
+    let generation = WINDOWS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     st.digests.insert(
         user.clone(),
         Digest {

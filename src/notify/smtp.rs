@@ -143,6 +143,28 @@ impl RateLimiter {
 mod tests {
     use super::*;
 
+    fn cfg(tls: &str) -> SmtpConfig {
+        let mut c = crate::config::Settings::defaults().notify.smtp;
+        c.host = "smtp.example.com".into();
+        c.tls = tls.into();
+        c
+    }
+
+    #[tokio::test]
+    async fn every_tls_mode_builds_and_unknown_ones_are_refused() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let retry = RetryPolicy::from_config(&crate::config::Settings::defaults().notify);
+        for tls in ["none", "starttls", "tls"] {
+            assert!(Smtp::from_config(&cfg(tls), retry.clone(), 1)
+                .unwrap()
+                .is_some());
+        }
+        assert!(Smtp::from_config(&cfg("ssl"), retry.clone(), 1).is_err());
+        let mut off = cfg("none");
+        off.host = String::new();
+        assert!(Smtp::from_config(&off, retry, 1).unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn the_limiter_spaces_sends() {
         let l = RateLimiter::new(50);
