@@ -372,50 +372,53 @@ async fn notify(
     done: oneshot::Sender<Outcome>,
 ) {
     let ctx = st.ctx.clone();
-    let decision = match policy::decide(&ctx, &job, user).await {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::warn!(error = %e, user = %user, "notification policy: store failed; retrying later");
-            let _ = done.send(Outcome::Retry);
-            return;
-        }
-    };
-    let decision = match decision {
-        Decision::Push(devices) => match push(&ctx, &job, user, devices).await {
-            Ok(Pushed::Sent) => {
-                let _ = done.send(Outcome::Settled);
-                return;
-            }
-            Ok(Pushed::Retry) => {
-                let _ = done.send(Outcome::Retry);
-                return;
-            }
-            Ok(Pushed::MessageGone) => Decision::Skip("message_gone"),
+    let step = match policy::decide(&ctx, &job, user).await {
+        Ok(Decision::Push(devices)) => match push(&ctx, &job, user, devices).await {
+            Ok(Pushed::Sent) => Step::Done(Outcome::Settled),
+            Ok(Pushed::Retry) => Step::Done(Outcome::Retry),
+            Ok(Pushed::MessageGone) => Step::Then(Decision::Skip("message_gone")),
             // Push failed for good (or every token was stale): e-mail.
             Ok(Pushed::FallBack) => match ctx.hub.stores.users.notification_settings(user).await {
-                Ok(s) => policy::email_or_skip(&ctx, s.email),
+                Ok(s) => Step::Then(policy::email_or_skip(&ctx, s.email)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "notification settings unavailable; retrying later");
-                    let _ = done.send(Outcome::Retry);
-                    return;
+                    tracing::warn!(error = %e, user = %user, "push fallback: store failed; retrying later");
+                    Step::Done(Outcome::Retry)
                 }
             },
             Err(e) => {
-                tracing::warn!(error = %e, "push: store failed; retrying later");
-                let _ = done.send(Outcome::Retry);
-                return;
+                tracing::warn!(error = %e, user = %user, "push: store failed; retrying later");
+                Step::Done(Outcome::Retry)
             }
         },
-        other => other,
+        Ok(other) => Step::Then(other),
+        Err(e) => {
+            tracing::warn!(error = %e, user = %user, "notification policy: store failed; retrying later");
+            Step::Done(Outcome::Retry)
+        }
     };
-    match decision {
-        Decision::Skip(reason) => {
+    match step {
+        Step::Done(outcome) => {
+            let _ = done.send(outcome);
+        }
+        Step::Then(Decision::Email) => enqueue(st, factory, user, &job, done),
+        Step::Then(Decision::Skip(reason)) => {
             count_dropped(reason, 1);
             let _ = done.send(Outcome::Settled);
         }
-        Decision::Email => enqueue(st, factory, user, &job, done),
-        Decision::Push(_) => unreachable!("push was handled above"),
+        Step::Then(Decision::Push(_)) => {
+            // `email_or_skip` never answers push; settle rather than loop.
+            count_dropped("no_channel", 1);
+            let _ = done.send(Outcome::Settled);
+        }
     }
+}
+
+/// Where handling one recipient got to.
+enum Step {
+    /// Settled (or to retry) already.
+    Done(Outcome),
+    /// Still to do.
+    Then(Decision),
 }
 
 enum Pushed {
