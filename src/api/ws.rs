@@ -180,6 +180,9 @@ async fn read_loop(
     loop {
         let next = tokio::select! {
             _ = st.hub.shutdown.cancelled() => return End::Shutdown,
+            // The server closed it (operator, slow consumer): stop reading
+            // now rather than at the idle timeout.
+            _ = handle.closing() => return End::Client,
             n = tokio::time::timeout(idle, stream.next()) => n,
         };
         let msg = match next {
