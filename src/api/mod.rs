@@ -7,6 +7,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod rooms;
+pub mod socketio;
 pub mod users;
 pub mod web;
 pub mod ws;
@@ -117,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .merge(web::router())
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(socketio::layer(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
