@@ -176,6 +176,7 @@ async fn socketio_client_two_users() {
             "errors",
             "caught_up",
             "auto_reconnect",
+            "polling",
             "done"
         ]
     );
@@ -204,8 +205,8 @@ async fn socketio_client_two_users() {
     assert_eq!(msgs[0].id.as_str(), ack["message_id"].as_str().unwrap());
     assert_eq!(
         msgs.len(),
-        5,
-        "a-1, b-1, a-2, a-3, a-4: nothing stored twice"
+        7,
+        "a-1, b-1, a-2, a-3, a-4, p-1, b-2: nothing stored twice"
     );
 }
 
@@ -272,5 +273,63 @@ async fn socketio_and_ws_users_chat() {
     let rec = s.step("receipt").await;
     assert_eq!(rec["receipt"]["room_id"], room.as_str());
     s.say("go done").await;
+    s.finish().await;
+}
+
+/// An operator disconnects the user: the Socket.IO client gets a `close`
+/// event with 4001, then a server-side disconnect.
+#[tokio::test]
+async fn socketio_operator_disconnect() {
+    let app = spawn_app().await;
+    let admin = app.register_named("admin").await;
+    let u = app.register("kick").await;
+    let mut s = script(&app, "kicked", &[("SIO_TOKEN", &u.token)]).await;
+    s.step("ready").await;
+    let (st, v) = app
+        .post(
+            &format!("/admin/v1/sessions/{}/disconnect", u.id),
+            Some(&admin.token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, 204, "{v}");
+    let k = s.step("kicked").await;
+    assert_eq!(k["close"]["code"], 4001);
+    assert_eq!(k["reason"], "io server disconnect");
+    s.finish().await;
+}
+
+/// Shutdown with sends in flight: every ack callback comes before the
+/// `close` event (1001), every stored message was acked, and the transport
+/// closes (so clients reconnect by themselves, to another node).
+#[tokio::test]
+async fn socketio_shutdown_acks_accepted_messages_before_closing() {
+    let mut app = spawn_app().await;
+    let a = app.register("a").await;
+    let b = app.register("b").await;
+    let room = app.direct(&a, &b).await;
+    let mut s = script(
+        &app,
+        "shutdown",
+        &[("SIO_TOKEN", &a.token), ("ROOM_ID", &room)],
+    )
+    .await;
+    s.step("ready").await;
+    s.step("sending").await;
+    app.hub.shutdown.cancel();
+    let closed = s.step("closed").await;
+    app.stop().await;
+    assert_eq!(closed["code"], 1001);
+    assert_eq!(closed["reason"], "transport close");
+    assert_eq!(closed["ack_after_close"], false);
+    let c = rusqlite::Connection::open(app.dir.path().join("chat.db")).unwrap();
+    let stored: i64 = c
+        .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(
+        stored,
+        closed["acked"].as_i64().unwrap(),
+        "every stored message was acked before the close"
+    );
     s.finish().await;
 }

@@ -303,6 +303,20 @@ async function twoUsers() {
   await b.payload("message", (m) => m.id === y.message_id, "message after alice's reconnect");
   step("auto_reconnect");
 
+  // A long-polling-only device of Alice's gets everything too.
+  const p = new Client("alice-polling", { transports: ["polling"], auth: { token: alice.token } });
+  await p.connect();
+  eq(p.socket.io.engine.transport.name, "polling", "polling transport");
+  const z = await p.sendAck(roomId, "p-1", "over long polling");
+  eq([z.type, z.seq], ["ack", y.seq + 1], "ack over polling");
+  await b.payload("message", (m) => m.id === z.message_id, "message sent over polling");
+  const echo = await a.payload("message", (m) => m.id === z.message_id, "echo to alice's other device");
+  eq(echo.body, "over long polling", "echo body");
+  b.socket.emit("send", { room_id: roomId, client_msg_id: "b-2", body: "to polling" });
+  eq((await p.payload("message", (m) => m.client_msg_id === "b-2")).body, "to polling", "polling receives");
+  step("polling");
+  p.close();
+
   a.close();
   b.close();
 }
@@ -354,7 +368,52 @@ async function mixed() {
   s.close();
 }
 
-const scenarios = { two_users: twoUsers, mixed };
+// Connected, then disconnected by an operator: a `close` event with 4001,
+// then a server-side disconnect (the client does not reconnect by itself).
+async function kicked() {
+  const s = new Client("sio", { transports: ["websocket"], auth: { token: process.env.SIO_TOKEN } });
+  await s.connect();
+  step("ready");
+  const c = await s.payload("close", () => true, "close event");
+  const reason = await s.payload("$disconnect", () => true, "disconnect");
+  step("kicked", { close: c, reason });
+}
+
+// Sends 200 messages with callbacks; the test stops the node meanwhile.
+// Every ack callback must come before the `close` event (1001), and the
+// transport then closes (the client would reconnect by itself).
+async function shutdown() {
+  const roomId = process.env.ROOM_ID;
+  const s = new Client("sio", {
+    transports: ["websocket"],
+    auth: { token: process.env.SIO_TOKEN },
+    reconnection: false,
+  });
+  await s.connect();
+  step("ready");
+  let acked = 0;
+  let closed = false;
+  let ackAfterClose = false;
+  let first;
+  const firstAck = new Promise((r) => (first = r));
+  for (let i = 0; i < 200; i++) {
+    s.socket.emit("send", { room_id: roomId, client_msg_id: "s" + i, body: "x" }, (a) => {
+      if (a.type === "ack") {
+        acked++;
+        if (closed) ackAfterClose = true;
+        first();
+      }
+    });
+  }
+  await firstAck;
+  step("sending");
+  const c = await s.payload("close", () => true, "close event");
+  closed = true;
+  const reason = await s.payload("$disconnect", () => true, "disconnect");
+  step("closed", { code: c.code, reason, acked, ack_after_close: ackAfterClose });
+}
+
+const scenarios = { two_users: twoUsers, mixed, kicked, shutdown };
 const run = scenarios[process.env.SCENARIO];
 if (!run) fail(`unknown SCENARIO ${process.env.SCENARIO}`);
 try {
