@@ -270,7 +270,8 @@ impl MessageHandler<LocalAdapter, Queued> for Enqueue {
             );
             match m.ack_id {
                 Some(id) if m.event == "send" || m.event == "ping" => {
-                    let _ = ack_sender(&s, id).send(&frame_object(&f));
+                    let handle = self.handle.clone();
+                    tokio::spawn(async move { reply(&s, &handle, Some(id), f).await });
                 }
                 _ => {
                     self.handle.push(f);
@@ -307,14 +308,7 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
     } = m;
     // Only `send` and `ping` answer through the callback.
     let ack_id = ack_id.filter(|_| event == "send" || event == "ping");
-    let answer = |f: Frame| match ack_id {
-        Some(id) => {
-            let _ = ack_sender(s, id).send(&frame_object(&f));
-        }
-        None => {
-            conn.handle.push(f);
-        }
-    };
+    let answer = |f: Frame| reply(s, &conn.handle, ack_id, f);
     let mut obj = match data {
         Ok(Json::Object(o)) => o,
         Ok(Json::Null) => Map::new(),
@@ -328,14 +322,15 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
                 "invalid_request",
                 "the event's payload must be one JSON object",
                 Some(&event),
-            ));
+            ))
+            .await;
         }
     };
     obj.insert("type".into(), Json::String(event));
     let v = Json::Object(obj);
     let frame = match ClientFrame::deserialize(&v) {
         Ok(f) => f,
-        Err(e) => return answer(super::ws::invalid_frame(Some(&v), &e)),
+        Err(e) => return answer(super::ws::invalid_frame(Some(&v), &e)).await,
     };
     match (&frame, ack_id) {
         (ClientFrame::Send { client_msg_id, .. }, Some(id)) => {
@@ -348,7 +343,7 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
                         .or_default()
                         .push_back(id);
                 }
-                Err(e) => return answer(error_frame(e.code, &e.message, Some("send"))),
+                Err(e) => return answer(error_frame(e.code, &e.message, Some("send"))).await,
             }
         }
         (ClientFrame::Ping { nonce }, Some(_)) => {
@@ -357,11 +352,28 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
                     nonce: nonce.as_ref(),
                 }
                 .encode(),
-            );
+            )
+            .await;
         }
         _ => {}
     }
     super::ws::on_frame(st, &conn.user, &conn.handle, frame).await;
+}
+
+/// Answers the client's callback `ack_id` with `f`, or queues `f` as an
+/// event when there is no callback. A client that does not read its
+/// answers is closed as a slow consumer.
+async fn reply(s: &Sock, handle: &SocketHandle, ack_id: Option<i64>, f: Frame) {
+    match ack_id {
+        Some(id) => {
+            if let Emitted::Stuck = emit(s, "", &frame_object(&f), Some(id)).await {
+                slow_consumer(handle);
+            }
+        }
+        None => {
+            handle.push(f);
+        }
+    }
 }
 
 /// A frame as the JSON object it is.
@@ -441,7 +453,7 @@ async fn pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox) {
                     Emitted::Sent => {}
                     Emitted::Gone => return,
                     Emitted::Stuck => {
-                        slow_consumer(&conn);
+                        slow_consumer(&conn.handle);
                         close(&s, &conn, &slow_reason(), true).await;
                         return;
                     }
@@ -455,7 +467,7 @@ async fn pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox) {
                         Emitted::Sent => {}
                         Emitted::Gone => return,
                         Emitted::Stuck => {
-                            slow_consumer(&conn);
+                            slow_consumer(&conn.handle);
                             stuck = true;
                             break;
                         }
@@ -477,11 +489,10 @@ fn slow_reason() -> CloseReason {
     }
 }
 
-fn slow_consumer(conn: &Conn) {
+fn slow_consumer(handle: &SocketHandle) {
     metrics::counter!("chatd_slow_consumer_closed_total").increment(1);
-    tracing::info!(user = %conn.user.id, "Socket.IO client does not keep up; closing");
-    conn.handle
-        .close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
+    tracing::info!(user = %handle.user_id, "Socket.IO client does not keep up; closing");
+    handle.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
 }
 
 /// Tells the client why (a `close` event with the `/ws` close code) and
