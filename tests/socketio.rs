@@ -333,3 +333,66 @@ async fn socketio_shutdown_acks_accepted_messages_before_closing() {
     );
     s.finish().await;
 }
+
+/// A socket.io-client that stops reading while its room is flooded: the
+/// server closes it as a slow consumer (4008) instead of dropping frames;
+/// what it got before is gap-free and it gets the rest after reconnecting.
+#[tokio::test]
+async fn socketio_slow_consumer_is_closed_not_dropped() {
+    let app = spawn_app_with(|s| s.ws.outbound_queue = 64).await;
+    let a = app.register("slow").await;
+    let b = app.register("fast").await;
+    let room = app.direct(&a, &b).await;
+    let flag = app.dir.path().join("resume");
+    let mut s = script(
+        &app,
+        "slow",
+        &[
+            ("SIO_TOKEN", &a.token),
+            ("ROOM_ID", &room),
+            ("RESUME_FLAG", flag.to_str().unwrap()),
+        ],
+    )
+    .await;
+    s.step("paused").await;
+    let uid = chatd::domain::UserId::parse(&a.id).unwrap();
+    // Closed: the user has no open socket left (a closed one is detached).
+    let closed = || {
+        !app.hub
+            .sockets
+            .get(&uid)
+            .is_some_and(|v| v.iter().any(|h| !h.is_closed()))
+    };
+    assert!(!closed(), "the Socket.IO socket is attached");
+    // Flood with large messages until the server gives up on the socket
+    // (the kernel's socket buffers absorb some megabytes first).
+    let body = "x".repeat(4000);
+    let path = format!("/api/v1/rooms/{room}/messages");
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !closed() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the paused socket was not closed after {sent} messages"
+        );
+        let batch = (0..32).map(|i| {
+            app.post(
+                &path,
+                Some(&b.token),
+                json!({"client_msg_id": format!("f{}", sent + i), "body": body}),
+            )
+        });
+        for (st, v) in futures_util::future::join_all(batch).await {
+            assert_eq!(st, 201, "{v}");
+        }
+        sent += 32;
+    }
+    std::fs::write(&flag, "").unwrap();
+    let r = s.step("resynced").await;
+    eprintln!("slow consumer: {sent} messages sent; {r}");
+    assert_eq!(r["total"], sent);
+    if !r["close"].is_null() {
+        assert_eq!(r["close"]["code"], 4008);
+    }
+    s.finish().await;
+}

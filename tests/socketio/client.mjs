@@ -13,6 +13,7 @@
 //
 // Every wait has a timeout; a failure exits 1 with the reason on stderr.
 
+import { existsSync } from "node:fs";
 import { createInterface } from "node:readline";
 
 let io;
@@ -329,10 +330,10 @@ lines.on("line", (l) => {
   if (lineWaiters.length) lineWaiters.shift()(l);
   else incoming.push(l);
 });
-function readLine(what) {
+function readLine(what, ms = WAIT_MS) {
   if (incoming.length) return Promise.resolve(incoming.shift());
   return new Promise((resolve, reject) => {
-    const t = setTimeout(() => reject(new Error("no line from the test for " + what)), WAIT_MS);
+    const t = setTimeout(() => reject(new Error("no line from the test for " + what)), ms);
     lineWaiters.push((l) => {
       clearTimeout(t);
       resolve(l);
@@ -413,7 +414,40 @@ async function shutdown() {
   step("closed", { code: c.code, reason, acked, ack_after_close: ackAfterClose });
 }
 
-const scenarios = { two_users: twoUsers, mixed, kicked, shutdown };
+// A client that stops reading while the test floods it: the server must
+// close the socket (slow consumer) rather than drop frames. Before the
+// close the client got a gap-free prefix of the room; after reconnecting
+// it gets the rest after `ready`. To stop reading, the event loop is
+// blocked (socket buffers fill up) until the test creates RESUME_FLAG.
+async function slow() {
+  const s = new Client("sio", { transports: ["websocket"], auth: { token: process.env.SIO_TOKEN } });
+  await s.connect();
+  step("paused");
+  const flag = process.env.RESUME_FLAG;
+  const nap = new Int32Array(new SharedArrayBuffer(4));
+  const until = Date.now() + 6 * WAIT_MS;
+  while (!existsSync(flag)) {
+    if (Date.now() > until) fail("the test did not create " + flag);
+    Atomics.wait(nap, 0, 0, 20);
+  }
+  const reason = await s.payload("$disconnect", () => true, "disconnect of the slow socket");
+  const close = s.log.find((e) => e.event === "close");
+  const before = s.log.filter((e) => e.event === "message").map((e) => e.payload.seq);
+  before.forEach((seq, i) => eq(seq, i + 1, "messages before the close: gap-free, in order"));
+  // Reconnect as the docs say ("io server disconnect" is not retried by the client).
+  if (reason === "io server disconnect") s.socket.connect();
+  const ready = await s.payload("ready", () => true, "ready after the slow-consumer close");
+  const last = ready.rooms.find((r) => r.room_id === process.env.ROOM_ID).last_seq;
+  const seen = new Set(before);
+  while (seen.size < last) {
+    const m = await s.payload("message", (m) => !seen.has(m.seq), `message ${seen.size + 1}/${last}`);
+    seen.add(m.seq);
+  }
+  step("resynced", { reason, close: close && close.payload, before: before.length, total: last });
+  s.close();
+}
+
+const scenarios = { two_users: twoUsers, mixed, kicked, shutdown, slow };
 const run = scenarios[process.env.SCENARIO];
 if (!run) fail(`unknown SCENARIO ${process.env.SCENARIO}`);
 try {
