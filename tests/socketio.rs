@@ -299,9 +299,10 @@ async fn socketio_operator_disconnect() {
     s.finish().await;
 }
 
-/// Shutdown with sends in flight: every ack callback comes before the
-/// `close` event (1001), every stored message was acked, and the transport
-/// closes (so clients reconnect by themselves, to another node).
+/// Shutdown with sends in flight: every send is answered (acked, or refused
+/// as `unavailable` if it was not handled yet), every ack callback comes
+/// before the `close` event (1001), every stored message was acked, and the
+/// transport closes (so clients reconnect by themselves, to another node).
 #[tokio::test]
 async fn socketio_shutdown_acks_accepted_messages_before_closing() {
     let mut app = spawn_app().await;
@@ -322,6 +323,13 @@ async fn socketio_shutdown_acks_accepted_messages_before_closing() {
     assert_eq!(closed["code"], 1001);
     assert_eq!(closed["reason"], "transport close");
     assert_eq!(closed["ack_after_close"], false);
+    // Every send was answered: acked, or refused as `unavailable` (queued
+    // but not handled when the node stopped reading: resend).
+    assert_eq!(
+        closed["acked"].as_i64().unwrap() + closed["refused"].as_i64().unwrap(),
+        200,
+        "{closed}"
+    );
     let c = rusqlite::Connection::open(app.dir.path().join("chat.db")).unwrap();
     let stored: i64 = c
         .query_row("SELECT COUNT(*) FROM messages", [], |r| r.get(0))

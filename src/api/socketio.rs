@@ -194,9 +194,17 @@ async fn on_connect(
     } else {
         loop {
             let m = tokio::select! {
+                biased;
                 _ = st.hub.shutdown.cancelled() => {
                     // As /ws: stop reading; what was accepted is stored
-                    // and acked before the close.
+                    // and acked before the close. Events queued but not
+                    // handled are refused (`unavailable`: resend after
+                    // reconnecting), as are those that still arrive.
+                    rx.close();
+                    while let Ok(m) = rx.try_recv() {
+                        let (ack, f) = refusal(&m, "unavailable", CLOSING);
+                        reply(&s, &conn.handle, ack, f).await;
+                    }
                     let drained = tokio::time::timeout(
                         Duration::from_secs(30),
                         st.hub.pipelines.wait(),
@@ -251,34 +259,52 @@ impl MessageHandler<LocalAdapter, Queued> for Enqueue {
             Ok(TryData(d)) => d.map_err(|e| e.to_string()),
             Err(never) => match never {},
         };
-        let reference = data
-            .as_ref()
-            .ok()
-            .and_then(payload_ref)
-            .unwrap_or_else(|| event.clone());
         let m = Inbound {
             event,
             data,
             ack_id,
         };
-        if let Err(mpsc::error::TrySendError::Full(m)) = self.tx.try_send(m) {
-            // The client sends faster than we route: refuse, never drop silently.
-            let f = error_frame(
+        // Never drop an event silently: refuse it.
+        let (m, code, message) = match self.tx.try_send(m) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(m)) => (
+                m,
                 "rate_limited",
                 "too many events in flight; slow down and retry",
-                Some(&reference),
-            );
-            match m.ack_id {
-                Some(id) if m.event == "send" || m.event == "ping" => {
-                    let handle = self.handle.clone();
-                    tokio::spawn(async move { reply(&s, &handle, Some(id), f).await });
+            ),
+            Err(mpsc::error::TrySendError::Closed(m)) => (m, "unavailable", CLOSING),
+        };
+        match refusal(&m, code, message) {
+            (Some(id), f) => {
+                // No waiting here: if even this answer does not fit, the
+                // client is not reading; close it.
+                if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
+                    ack_sender(&s, id).send(&frame_object(&f))
+                {
+                    slow_consumer(&self.handle);
                 }
-                _ => {
-                    self.handle.push(f);
-                }
+            }
+            (None, f) => {
+                self.handle.push(f);
             }
         }
     }
+}
+
+/// Why events that arrive while the socket closes are refused.
+const CLOSING: &str = "the socket is closing; resend after reconnecting";
+
+/// The answer to an event that will not be handled: an `error` with
+/// `code`, through the callback of a `send` or `ping` if it has one.
+fn refusal(m: &Inbound, code: &str, message: &str) -> (Option<i64>, Frame) {
+    let reference = m
+        .data
+        .as_ref()
+        .ok()
+        .and_then(payload_ref)
+        .unwrap_or_else(|| m.event.clone());
+    let ack = m.ack_id.filter(|_| m.event == "send" || m.event == "ping");
+    (ack, error_frame(code, message, Some(&reference)))
 }
 
 /// The `ref` an error about this payload carries: its `client_msg_id`.
@@ -542,6 +568,11 @@ async fn close_on_shutdown(st: AppState, io: SocketIo, pumps: TaskTracker) {
     st.hub.shutdown.cancelled().await;
     let _ = tokio::time::timeout(Duration::from_secs(30), st.hub.pipelines.wait()).await;
     pumps.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), pumps.wait()).await;
+    if tokio::time::timeout(Duration::from_secs(30), pumps.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Socket.IO sockets did not flush before closing their transports");
+    }
     io.close().await;
 }

@@ -393,6 +393,7 @@ async function shutdown() {
   await s.connect();
   step("ready");
   let acked = 0;
+  let refused = 0;
   let closed = false;
   let ackAfterClose = false;
   let first;
@@ -403,6 +404,10 @@ async function shutdown() {
         acked++;
         if (closed) ackAfterClose = true;
         first();
+      } else if (a.code === "unavailable") {
+        refused++; // queued but not handled when the node stopped: resend after reconnecting
+      } else {
+        fail("unexpected answer " + JSON.stringify(a));
       }
     });
   }
@@ -411,7 +416,7 @@ async function shutdown() {
   const c = await s.payload("close", () => true, "close event");
   closed = true;
   const reason = await s.payload("$disconnect", () => true, "disconnect");
-  step("closed", { code: c.code, reason, acked, ack_after_close: ackAfterClose });
+  step("closed", { code: c.code, reason, acked, refused, ack_after_close: ackAfterClose });
 }
 
 // A client that stops reading while the test floods it: the server must
