@@ -7,12 +7,15 @@
 //! and emits every frame as the event named by its `type`, with the frame
 //! object as payload. Client events (`send`, `delivered`, `read`, `typing`,
 //! `sync`, `ping`) carry the `/ws` frames' fields and go through the same
-//! parsing and routing as `/ws` ([`super::ws::on_frame`]).
+//! parsing and routing as `/ws` (`ws::on_frame`).
 //!
 //! - Order: socketioxide runs each event handler in a task of its own, so
 //!   events would race. The handler here only queues the event (in arrival
 //!   order) and one task per socket handles the queue in order, as the
 //!   `/ws` read loop does; it starts once `ready` and catch-up are queued.
+//!   An event that will not be handled is refused, never dropped: more than
+//!   256 waiting get `rate_limited`; on shutdown, queued and
+//!   late ones get `unavailable` (resend after reconnecting).
 //! - Acknowledgements: `emit("send", payload, callback)` registers the
 //!   callback under the `client_msg_id`; the pump hands the `ack` (or the
 //!   `error` whose `ref` is that id) to the callback instead of emitting it
