@@ -12,6 +12,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod rooms;
+pub mod socketio;
 pub mod users;
 pub mod web;
 pub mod ws;
@@ -215,6 +216,7 @@ pub fn router(state: AppState) -> Router {
     routes
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(socketio::layer(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
