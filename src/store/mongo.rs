@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use futures_util::future::BoxFuture;
@@ -43,8 +43,10 @@ pub const BACKEND: &str = "mongodb";
 const META_ID: &str = "chatd";
 /// Most messages committed in one append transaction.
 const MAX_APPEND_BATCH: usize = 512;
-/// Attempts at a transaction that keeps meeting write conflicts.
+/// Attempts at a transaction that keeps meeting write conflicts, and the
+/// time after which it stops retrying and reports `Unavailable`.
 const TXN_ATTEMPTS: u32 = 64;
+const TXN_RETRY_BUDGET: Duration = Duration::from_secs(10);
 /// Refresh-token rows go this long after max(expiry, time written).
 const REFRESH_PURGE_GRACE_SECS: u64 = 86_400;
 /// Defaults for driver timeouts the URI does not set.
@@ -293,16 +295,24 @@ fn is_dup_key(e: &MongoError) -> bool {
     }
 }
 
-fn is_unavailable(e: &MongoError) -> bool {
+/// The server cannot be reached at all (as opposed to refusing a command).
+fn is_connectivity(e: &MongoError) -> bool {
     matches!(
         e.kind.as_ref(),
         ErrorKind::Io(_)
             | ErrorKind::ConnectionPoolCleared { .. }
             | ErrorKind::ServerSelection { .. }
             | ErrorKind::DnsResolve { .. }
-            | ErrorKind::Shutdown
-            | ErrorKind::Write(WriteFailure::WriteConcernError(_))
-    ) || matches!(e.kind.as_ref(), ErrorKind::InsertMany(m) if m.write_concern_error.is_some())
+    )
+}
+
+fn is_unavailable(e: &MongoError) -> bool {
+    is_connectivity(e)
+        || matches!(
+            e.kind.as_ref(),
+            ErrorKind::Shutdown | ErrorKind::Write(WriteFailure::WriteConcernError(_))
+        )
+        || matches!(e.kind.as_ref(), ErrorKind::InsertMany(m) if m.write_concern_error.is_some())
         || code_of(e).is_some_and(|c| UNAVAILABLE_CODES.contains(&c))
         || e.contains_label(TRANSIENT_TRANSACTION_ERROR)
         || e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT)
@@ -644,12 +654,26 @@ async fn create_indexes(c: &Colls) -> Result<(), StoreError> {
 impl Inner {
     /// Runs `body` in a transaction and commits it, retrying the whole
     /// transaction on write conflicts and the commit when its outcome is
-    /// unknown. `body` must only touch the database through the session.
+    /// unknown, within `TXN_RETRY_BUDGET`. `body` must only touch the
+    /// database through the session.
     async fn transaction<T, F>(&self, mut body: F) -> Result<T, StoreError>
     where
         T: Send,
         F: for<'s> FnMut(&'s mut ClientSession) -> BoxFuture<'s, mongodb::error::Result<T>> + Send,
     {
+        let started = Instant::now();
+        let may_retry = |e: &MongoError, attempt: u32| {
+            let ok = txn_retryable(e)
+                && attempt < TXN_ATTEMPTS
+                && started.elapsed() < TXN_RETRY_BUDGET
+                // The driver labels a lost server "transient" too; one more
+                // try covers a failover, more would only delay the 503.
+                && (!is_connectivity(e) || attempt < 2);
+            if ok {
+                metrics::counter!("chatd_store_txn_retries_total").increment(1);
+            }
+            ok
+        };
         let mut session = self.client.start_session().await.map_err(store_err)?;
         let mut attempt = 0u32;
         'txn: loop {
@@ -663,7 +687,7 @@ impl Inner {
                 Ok(v) => v,
                 Err(e) => {
                     let _ = session.abort_transaction().await;
-                    if txn_retryable(&e) && attempt < TXN_ATTEMPTS {
+                    if may_retry(&e, attempt) {
                         tokio::time::sleep(backoff_delay(attempt)).await;
                         continue 'txn;
                     }
@@ -674,13 +698,16 @@ impl Inner {
             loop {
                 match session.commit_transaction().await {
                     Ok(()) => return Ok(value),
+                    // Committing again is safe: the server answers with the
+                    // first commit's outcome.
                     Err(e)
                         if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT)
-                            && commit_tries < 3 =>
+                            && commit_tries < 2
+                            && started.elapsed() < TXN_RETRY_BUDGET =>
                     {
                         commit_tries += 1;
                     }
-                    Err(e) if txn_retryable(&e) && attempt < TXN_ATTEMPTS => {
+                    Err(e) if may_retry(&e, attempt) => {
                         tokio::time::sleep(backoff_delay(attempt)).await;
                         continue 'txn;
                     }
