@@ -1769,3 +1769,287 @@ impl StoreHealth for MongoStore {
         BACKEND
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mongodb::bson;
+    use serde::de::DeserializeOwned;
+
+    /// Domain value → the exact document → BSON bytes → the same value.
+    fn both_ways<T>(v: &T, expected: Document)
+    where
+        T: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        let d = bson::to_document(v).unwrap();
+        assert_eq!(d, expected);
+        let bytes = bson::to_vec(&d).unwrap();
+        let back: T = bson::from_slice(&bytes).unwrap();
+        assert_eq!(&back, v);
+    }
+
+    fn user_doc(display_name: Option<&str>) -> UserDoc {
+        UserDoc {
+            id: UserId::from_trusted("u1"),
+            username: Username::from_trusted("alice".into()),
+            email: Email::from_trusted("alice@example.com".into()),
+            display_name: display_name.map(str::to_owned),
+            password_hash: "$argon2id$x".into(),
+            created_at: "2026-01-01T00:00:00.000Z".into(),
+            last_seen: None,
+            notify_push: true,
+            notify_email: false,
+        }
+    }
+
+    #[test]
+    fn user_maps_both_ways() {
+        for name in [Some("Alice"), None] {
+            let d = user_doc(name);
+            both_ways(
+                &d,
+                doc! {
+                    "_id": "u1", "username": "alice", "email": "alice@example.com",
+                    "display_name": name, "password_hash": "$argon2id$x",
+                    "created_at": "2026-01-01T00:00:00.000Z", "last_seen": Bson::Null,
+                    "notify_push": true, "notify_email": false,
+                },
+            );
+            let u = User::from(d);
+            assert_eq!(u.id.as_str(), "u1");
+            assert_eq!(u.username.as_ref(), "alice");
+            assert_eq!(u.email.as_ref(), "alice@example.com");
+            assert_eq!(u.display_name.as_deref(), name);
+        }
+    }
+
+    #[test]
+    fn rooms_map_both_ways_and_only_direct_ones_have_a_key() {
+        let a = UserId::from_trusted("b2");
+        let b = UserId::from_trusted("a1");
+        let direct = RoomDoc {
+            id: RoomId::from_trusted("r1"),
+            kind: RoomKind::Direct,
+            name: None,
+            direct_key: Some(direct_key(&a, &b)),
+            created_at: "t".into(),
+            last_seq: 7,
+        };
+        both_ways(
+            &direct,
+            doc! {
+                "_id": "r1", "kind": "direct", "name": Bson::Null, "direct_key": "a1:b2",
+                "created_at": "t", "last_seq": 7_i64,
+            },
+        );
+        assert_eq!(
+            direct_key(&b, &a),
+            "a1:b2",
+            "one key per pair, either order"
+        );
+        let group = RoomDoc {
+            id: RoomId::from_trusted("r2"),
+            kind: RoomKind::Group,
+            name: Some("team".into()),
+            direct_key: None,
+            created_at: "t".into(),
+            last_seq: 0,
+        };
+        both_ways(
+            &group,
+            doc! { "_id": "r2", "kind": "group", "name": "team", "created_at": "t", "last_seq": 0_i64 },
+        );
+    }
+
+    #[test]
+    fn members_map_both_ways_for_every_role() {
+        for (role, name) in [
+            (Role::Owner, "owner"),
+            (Role::Admin, "admin"),
+            (Role::Member, "member"),
+        ] {
+            let mut d = member_doc(
+                &RoomId::from_trusted("r1"),
+                &UserId::from_trusted("u1"),
+                role,
+                "t",
+            );
+            d.delivered_seq = 5;
+            d.read_seq = 3;
+            both_ways(
+                &d,
+                doc! {
+                    "_id": "r1:u1", "room_id": "r1", "user_id": "u1", "role": name,
+                    "delivered_seq": 5_i64, "read_seq": 3_i64, "joined_at": "t",
+                },
+            );
+            let m = Member::from(d);
+            assert_eq!((m.role, m.delivered_seq, m.read_seq), (role, 5, 3));
+        }
+    }
+
+    #[test]
+    fn messages_map_both_ways() {
+        let m = Message {
+            id: MessageId::from_trusted("m1"),
+            room_id: RoomId::from_trusted("r1"),
+            seq: 42,
+            sender_id: UserId::from_trusted("u1"),
+            client_msg_id: ClientMsgId::from_trusted("c-1".into()),
+            body: MessageBody::from_trusted("hé 👋".into()),
+            created_at: "t".into(),
+        };
+        let d = MessageDoc::from(m.clone());
+        both_ways(
+            &d,
+            doc! {
+                "_id": "m1", "room_id": "r1", "seq": 42_i64, "sender_id": "u1",
+                "client_msg_id": "c-1", "body": "hé 👋", "created_at": "t",
+            },
+        );
+        assert_eq!(Message::from(d), m);
+    }
+
+    #[test]
+    fn numbers_written_as_int32_by_other_tools_still_read() {
+        let d: MessageDoc = bson::from_document(doc! {
+            "_id": "m1", "room_id": "r1", "seq": 3_i32, "sender_id": "u1",
+            "client_msg_id": "c", "body": "b", "created_at": "t",
+        })
+        .unwrap();
+        assert_eq!(d.seq, 3);
+    }
+
+    #[test]
+    fn refresh_tokens_devices_and_blocks_map_both_ways() {
+        let mut t = RefreshDoc::new(
+            "h".into(),
+            UserId::from_trusted("u1"),
+            "fam".into(),
+            4_000_000_000,
+        );
+        assert_eq!(t.purge_at.timestamp_millis(), 4_000_000_000_000);
+        t.used = true;
+        both_ways(
+            &t,
+            doc! {
+                "_id": "h", "user_id": "u1", "family_id": "fam", "expires_at": 4_000_000_000_i64,
+                "used": true, "purge_at": DateTime::from_millis(4_000_000_000_000),
+            },
+        );
+        // An expiry already past never schedules the purge before "now".
+        let past = RefreshDoc::new("h".into(), UserId::from_trusted("u1"), "f".into(), 10);
+        assert!(past.purge_at.timestamp_millis() > 1_700_000_000_000);
+
+        let dev = DeviceDoc {
+            token: "tok".into(),
+            user_id: UserId::from_trusted("u1"),
+            platform: "ios".into(),
+            created_at: "t".into(),
+        };
+        both_ways(
+            &dev,
+            doc! { "_id": "tok", "user_id": "u1", "platform": "ios", "created_at": "t" },
+        );
+        assert_eq!(
+            Device::from(dev),
+            Device {
+                platform: "ios".into(),
+                token: "tok".into(),
+                created_at: "t".into()
+            }
+        );
+
+        let block = BlockDoc {
+            id: pair_key("u1", "u2"),
+            blocker_id: UserId::from_trusted("u1"),
+            blocked_id: UserId::from_trusted("u2"),
+            created_at: "t".into(),
+        };
+        both_ways(
+            &block,
+            doc! { "_id": "u1:u2", "blocker_id": "u1", "blocked_id": "u2", "created_at": "t" },
+        );
+    }
+
+    #[test]
+    fn prefix_search_is_literal() {
+        assert_eq!(regex_escape("srch_"), "srch_");
+        assert_eq!(regex_escape("a.b*c%"), r"a\.b\*c\%");
+        assert_eq!(regex_escape(r"(x|y)\[^$]"), r"\(x\|y\)\\\[\^\$\]");
+        assert_eq!(regex_escape("é-"), r"é\-");
+    }
+
+    fn cfg(w: &str, journal: bool, timeout: u64) -> MongoConfig {
+        MongoConfig {
+            uri: String::new(),
+            database: String::new(),
+            write_concern: w.into(),
+            journal,
+            write_timeout_ms: timeout,
+        }
+    }
+
+    #[test]
+    fn write_concern_from_config() {
+        let d = crate::config::Settings::defaults().store.mongodb;
+        let wc = write_concern(&d).unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Majority));
+        assert_eq!(wc.journal, Some(true));
+        assert_eq!(wc.w_timeout, Some(Duration::from_secs(10)));
+        let wc = write_concern(&cfg("2", false, 0)).unwrap();
+        assert_eq!(wc.w, Some(Acknowledgment::Nodes(2)));
+        assert_eq!(wc.journal, Some(false));
+        assert_eq!(wc.w_timeout, None);
+        assert_eq!(
+            write_concern(&cfg("dc2", true, 0)).unwrap().w,
+            Some(Acknowledgment::Custom("dc2".into()))
+        );
+        assert!(write_concern(&cfg("0", true, 0)).is_err());
+    }
+
+    #[test]
+    fn meta_is_checked() {
+        let ok = doc! { "_id": META_ID, "backend": BACKEND, "schema_version": SCHEMA_VERSION };
+        assert!(validate_meta(&ok, "db").is_ok());
+        let other = doc! { "backend": "sqlite", "schema_version": 1 };
+        assert!(validate_meta(&other, "db")
+            .unwrap_err()
+            .to_string()
+            .contains("\"sqlite\" backend"));
+        let newer = doc! { "backend": BACKEND, "schema_version": 2_i64 };
+        assert!(validate_meta(&newer, "db")
+            .unwrap_err()
+            .to_string()
+            .contains("schema version 2"));
+    }
+
+    fn command_error(code: i32) -> MongoError {
+        let ce: mongodb::error::CommandError =
+            bson::from_document(doc! { "code": code, "codeName": "X", "errmsg": "m" }).unwrap();
+        MongoError::from(ErrorKind::Command(ce))
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let io = MongoError::from(ErrorKind::Io(Arc::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionRefused,
+        ))));
+        assert!(matches!(store_err(io), StoreError::Unavailable(_)));
+        assert!(matches!(
+            store_err(command_error(10107)),
+            StoreError::Unavailable(_)
+        ));
+        assert!(matches!(
+            store_err(command_error(2)),
+            StoreError::Internal(_)
+        ));
+        let dup = command_error(DUPLICATE_KEY);
+        assert!(is_dup_key(&dup) && txn_retryable(&dup));
+        let we: mongodb::error::WriteError =
+            bson::from_document(doc! { "code": DUPLICATE_KEY, "errmsg": "E11000" }).unwrap();
+        assert!(is_dup_key(&MongoError::from(ErrorKind::Write(
+            WriteFailure::WriteError(we)
+        ))));
+    }
+}
