@@ -13,6 +13,7 @@
 pub mod contract;
 pub mod mongo;
 pub mod sqlite;
+pub mod transfer;
 
 use std::sync::Arc;
 

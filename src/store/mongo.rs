@@ -55,6 +55,15 @@ const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 const DUPLICATE_KEY: i32 = 11000;
 
+/// Collection names (the schema in `docs/store-mongodb.md`).
+pub const USERS: &str = "users";
+pub const ROOMS: &str = "rooms";
+pub const MEMBERS: &str = "members";
+pub const MESSAGES: &str = "messages";
+pub const REFRESH_TOKENS: &str = "refresh_tokens";
+pub const DEVICES: &str = "devices";
+pub const BLOCKS: &str = "blocks";
+
 /// Server error codes that mean "not now" rather than "never": no primary,
 /// shutting down, timed out, write concern not met in time.
 const UNAVAILABLE_CODES: &[i32] = &[
@@ -200,7 +209,8 @@ pub struct RefreshDoc {
 }
 
 impl RefreshDoc {
-    fn new(hash: String, user_id: UserId, family_id: String, expires_at: i64) -> Self {
+    /// A current (unused) token; `purge_at` follows from `expires_at`.
+    pub fn new(hash: String, user_id: UserId, family_id: String, expires_at: i64) -> Self {
         // Never purge before the row was written: a caller's clock that
         // says "already expired" must not make the row vanish mid-rotation.
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -320,7 +330,7 @@ fn is_unavailable(e: &MongoError) -> bool {
 }
 
 /// Maps a driver error: connection trouble is `Unavailable` (503 upstream).
-fn store_err(e: MongoError) -> StoreError {
+pub(crate) fn store_err(e: MongoError) -> StoreError {
     if is_unavailable(&e) {
         StoreError::Unavailable(e.to_string())
     } else {
@@ -362,13 +372,13 @@ struct Colls {
 impl Colls {
     fn new(db: Database) -> Self {
         Self {
-            users: db.collection("users"),
-            rooms: db.collection("rooms"),
-            members: db.collection("members"),
-            messages: db.collection("messages"),
-            refresh: db.collection("refresh_tokens"),
-            devices: db.collection("devices"),
-            blocks: db.collection("blocks"),
+            users: db.collection(USERS),
+            rooms: db.collection(ROOMS),
+            members: db.collection(MEMBERS),
+            messages: db.collection(MESSAGES),
+            refresh: db.collection(REFRESH_TOKENS),
+            devices: db.collection(DEVICES),
+            blocks: db.collection(BLOCKS),
             db,
         }
     }
@@ -472,6 +482,13 @@ impl MongoStore {
     }
 }
 
+impl MongoStore {
+    /// The database, for whole-store tools (`chatd export` / `import`).
+    pub fn database(&self) -> &Database {
+        &self.inner.c.db
+    }
+}
+
 /// Returns `true` when the database is empty and needs its `meta` written.
 async fn check_meta(c: &Colls) -> Result<bool, StoreError> {
     let meta = c.raw("meta");
@@ -569,21 +586,21 @@ async fn create_indexes(c: &Colls) -> Result<(), StoreError> {
 
     let plan: Vec<(&str, Vec<IndexModel>)> = vec![
         (
-            "users",
+            USERS,
             vec![
                 index(doc! { "username": 1 }, "users_username_unique", true),
                 index(doc! { "email": 1 }, "users_email_unique", true),
             ],
         ),
         (
-            "rooms",
+            ROOMS,
             vec![IndexModel::builder()
                 .keys(doc! { "direct_key": 1 })
                 .options(direct)
                 .build()],
         ),
         (
-            "members",
+            MEMBERS,
             vec![
                 index(doc! { "user_id": 1, "room_id": 1 }, "members_user", false),
                 index(
@@ -594,7 +611,7 @@ async fn create_indexes(c: &Colls) -> Result<(), StoreError> {
             ],
         ),
         (
-            "messages",
+            MESSAGES,
             vec![
                 index(
                     doc! { "room_id": 1, "seq": 1 },
@@ -609,7 +626,7 @@ async fn create_indexes(c: &Colls) -> Result<(), StoreError> {
             ],
         ),
         (
-            "refresh_tokens",
+            REFRESH_TOKENS,
             vec![
                 index(doc! { "family_id": 1 }, "refresh_family", false),
                 IndexModel::builder()
@@ -619,7 +636,7 @@ async fn create_indexes(c: &Colls) -> Result<(), StoreError> {
             ],
         ),
         (
-            "devices",
+            DEVICES,
             vec![index(
                 doc! { "user_id": 1, "created_at": 1 },
                 "devices_user",
@@ -627,7 +644,7 @@ async fn create_indexes(c: &Colls) -> Result<(), StoreError> {
             )],
         ),
         (
-            "blocks",
+            BLOCKS,
             vec![
                 index(
                     doc! { "blocker_id": 1, "created_at": 1 },
@@ -760,7 +777,7 @@ impl Inner {
     ) -> Result<Vec<UserId>, StoreError> {
         let docs: Vec<Document> = self
             .c
-            .raw("blocks")
+            .raw(BLOCKS)
             .find(filter)
             .projection(doc! { field: 1 })
             .sort(sort.unwrap_or_default())
@@ -1389,7 +1406,7 @@ impl RoomStore for MongoStore {
     ) -> Result<(Member, bool), StoreError> {
         let c = &self.inner.c;
         let Some(r) = c
-            .raw("rooms")
+            .raw(ROOMS)
             .find_one(doc! { "_id": room.as_str() })
             .projection(doc! { "last_seq": 1 })
             .await
@@ -1443,7 +1460,7 @@ impl RoomStore for MongoStore {
     async fn contacts(&self, user: &UserId) -> Result<Vec<UserId>, StoreError> {
         let c = &self.inner.c;
         let rooms: Vec<Document> = c
-            .raw("members")
+            .raw(MEMBERS)
             .find(doc! { "user_id": user.as_str() })
             .projection(doc! { "room_id": 1 })
             .await
@@ -1539,7 +1556,7 @@ async fn append_in_txn(
     let mut members = HashSet::new();
     {
         let mut cur = c
-            .raw("members")
+            .raw(MEMBERS)
             .find(doc! { "_id": { "$in": &member_ids } })
             .projection(doc! { "_id": 1 })
             .session(&mut *s)
@@ -1584,7 +1601,7 @@ async fn append_in_txn(
     let mut base: HashMap<RoomId, Option<Seq>> = HashMap::new();
     for (room, n) in &per_room {
         let after = c
-            .raw("rooms")
+            .raw(ROOMS)
             .find_one_and_update(
                 doc! { "_id": room.as_str() },
                 doc! { "$inc": { "last_seq": *n } },
