@@ -330,11 +330,38 @@ fn is_unavailable(e: &MongoError) -> bool {
 }
 
 /// Maps a driver error: connection trouble is `Unavailable` (503 upstream).
+/// The `Unavailable` text may reach clients, so it names the cause without
+/// addresses or topology; the whole driver error goes to the debug log.
 pub(crate) fn store_err(e: MongoError) -> StoreError {
     if is_unavailable(&e) {
-        StoreError::Unavailable(e.to_string())
+        tracing::debug!(error = %e, "mongodb unavailable");
+        StoreError::Unavailable(unavailable_reason(&e))
     } else {
         StoreError::Internal(e.to_string())
+    }
+}
+
+fn unavailable_reason(e: &MongoError) -> String {
+    let code_name = |code: i32, name: &str| format!("mongodb answered {name} ({code})");
+    match e.kind.as_ref() {
+        ErrorKind::Io(io) => format!("mongodb connection failed: {}", io.kind()),
+        ErrorKind::ServerSelection { .. } => {
+            "mongodb unreachable (no server selected in time)".into()
+        }
+        ErrorKind::ConnectionPoolCleared { .. } => "mongodb connection lost".into(),
+        ErrorKind::DnsResolve { .. } => "mongodb host name did not resolve".into(),
+        ErrorKind::Shutdown => "mongodb client shut down".into(),
+        ErrorKind::Command(c) => code_name(c.code, &c.code_name),
+        ErrorKind::Write(WriteFailure::WriteConcernError(w)) => {
+            format!("mongodb write concern not met ({})", w.code_name)
+        }
+        ErrorKind::Write(WriteFailure::WriteError(w)) => {
+            code_name(w.code, w.code_name.as_deref().unwrap_or("WriteError"))
+        }
+        _ if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT) => {
+            "mongodb commit outcome unknown".into()
+        }
+        _ => "mongodb unavailable".into(),
     }
 }
 
@@ -2052,7 +2079,12 @@ mod tests {
         let io = MongoError::from(ErrorKind::Io(Arc::new(std::io::Error::from(
             std::io::ErrorKind::ConnectionRefused,
         ))));
-        assert!(matches!(store_err(io), StoreError::Unavailable(_)));
+        match store_err(io) {
+            StoreError::Unavailable(m) => {
+                assert_eq!(m, "mongodb connection failed: connection refused")
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             store_err(command_error(10107)),
             StoreError::Unavailable(_)
