@@ -314,6 +314,7 @@ async fn mongodb_outage_is_unavailable_then_recovers_with_nothing_lost() {
     tokio::task::block_in_place(|| srv.kill());
     let is_unavailable = |r: Result<(), StoreError>| matches!(r, Err(StoreError::Unavailable(_)));
     assert!(is_unavailable(s.health.ping().await));
+    let t = std::time::Instant::now();
     let during = s
         .messages
         .append_batch(vec![text_msg(&room.id, &a.id, "during")])
@@ -321,6 +322,12 @@ async fn mongodb_outage_is_unavailable_then_recovers_with_nothing_lost() {
     assert!(
         matches!(during, Err(StoreError::Unavailable(_))),
         "{during:?}"
+    );
+    // One try and one retry, each bounded by serverSelectionTimeoutMS=1000.
+    assert!(
+        t.elapsed() < std::time::Duration::from_millis(3500),
+        "503 took {:?}",
+        t.elapsed()
     );
     assert!(is_unavailable(s.rooms.room(&room.id).await.map(|_| ())));
 

@@ -730,8 +730,17 @@ impl Inner {
             let value = match body(&mut session).await {
                 Ok(v) => v,
                 Err(e) => {
-                    let _ = session.abort_transaction().await;
-                    if may_retry(&e, attempt) {
+                    let retry = may_retry(&e, attempt);
+                    if is_connectivity(&e) {
+                        // Aborting would wait for the lost server once more;
+                        // dropping the session aborts in the background.
+                        if retry {
+                            session = self.client.start_session().await.map_err(store_err)?;
+                        }
+                    } else {
+                        let _ = session.abort_transaction().await;
+                    }
+                    if retry {
                         tokio::time::sleep(backoff_delay(attempt)).await;
                         continue 'txn;
                     }
@@ -746,7 +755,7 @@ impl Inner {
                     // first commit's outcome.
                     Err(e)
                         if e.contains_label(UNKNOWN_TRANSACTION_COMMIT_RESULT)
-                            && commit_tries < 2
+                            && commit_tries < if is_connectivity(&e) { 1 } else { 2 }
                             && started.elapsed() < TXN_RETRY_BUDGET =>
                     {
                         commit_tries += 1;
