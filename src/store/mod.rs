@@ -3,14 +3,17 @@
 //!
 //! - [`sqlite`]: the embedded default (one file, WAL, a single writer thread
 //!   that group-commits every write of every room into one transaction).
-//! - `mongo`: the shared store of a cluster (its own issue).
+//! - [`mongo`]: the shared store of a cluster (transactions for every
+//!   multi-document change, group-committed appends).
 //!
 //! Startup picks the backend from config ([`open`]) and hands out [`Stores`],
 //! a bundle of `Arc<dyn ...>`. The one contract suite in [`contract`] runs
 //! against every backend.
 
 pub mod contract;
+pub mod mongo;
 pub mod sqlite;
+pub mod transfer;
 
 use std::sync::Arc;
 
@@ -410,8 +413,12 @@ pub async fn open(cfg: &StoreConfig) -> Result<Stores, StoreError> {
             let s = sqlite::SqliteStore::open(&cfg.sqlite).await?;
             Ok(Stores::from_backend(Arc::new(s)))
         }
+        "mongodb" => {
+            let s = mongo::MongoStore::open(&cfg.mongodb).await?;
+            Ok(Stores::from_backend(Arc::new(s)))
+        }
         other => Err(StoreError::Internal(format!(
-            "unknown store kind {other:?} (expected \"sqlite\")"
+            "unknown store kind {other:?} (expected \"sqlite\" or \"mongodb\")"
         ))),
     }
 }
