@@ -1321,6 +1321,14 @@ impl RoomStore for MongoStore {
             members.entry(m.room_id.clone()).or_default().push(m);
         }
         let me = user.as_str();
+        // Messages of senders the user blocks count for neither last nor unread.
+        let blocked: Vec<String> = self
+            .blocked_by(user)
+            .await?
+            .into_iter()
+            .map(|u| u.as_str().to_owned())
+            .collect();
+        let blocked = &blocked;
         let work: Vec<(RoomDoc, Vec<MemberDoc>, Seq)> = mine
             .into_iter()
             .filter_map(|m| {
@@ -1334,7 +1342,7 @@ impl RoomStore for MongoStore {
                 let rid = r.id.as_str().to_owned();
                 let last = c
                     .messages
-                    .find_one(doc! { "room_id": &rid })
+                    .find_one(doc! { "room_id": &rid, "sender_id": { "$nin": blocked } })
                     .sort(doc! { "seq": -1 })
                     .await
                     .map_err(store_err)?;
@@ -1343,7 +1351,7 @@ impl RoomStore for MongoStore {
                     .count_documents(doc! {
                         "room_id": &rid,
                         "seq": { "$gt": read_seq },
-                        "sender_id": { "$ne": me },
+                        "sender_id": { "$ne": me, "$nin": blocked },
                     })
                     .await
                     .map_err(store_err)?;
