@@ -1,1 +1,39 @@
-//! chatd
+//! chatd: a real-time chat backend. One binary runs a whole chat service on
+//! a laptop (SQLite store, in-process broker); the same binary scales out to
+//! a cluster sharing a store and RabbitMQ.
+//!
+//! Module map:
+//!
+//! - [`domain`]: newtypes that parse at the edge (`UserId`, `Username`,
+//!   `MessageBody`, ...); past the edge values are valid by construction.
+//! - [`config`]: layered settings (`config.toml`, `--config FILE`,
+//!   `CHAT__SECTION__KEY`).
+//! - [`store`]: async traits per aggregate (users, auth, rooms, messages),
+//!   the SQLite backend with group commit, and the contract suite every
+//!   backend passes.
+//! - [`broker`]: the bus between nodes (one trait; in-process backend).
+//! - [`actors`]: the ractor tree: root supervisor, session supervisor with a
+//!   `UserSession` per connected user, room supervisor with a `Room` per
+//!   active room (store → ack → fan-out pipeline), the broker bridge.
+//! - [`protocol`]: the WebSocket frames of the contract.
+//! - [`auth`]: argon2id, JWT access tokens, rotating refresh tokens, login limiter.
+//! - [`api`]: axum routers (`auth`, `users`, `rooms`, `ws`, `admin`, health)
+//!   and the one error type.
+//! - [`notify`]: the notification seam (FCM / SMTP senders come later).
+//! - [`telemetry`]: logs and the Prometheus recorder.
+//! - [`app`]: building, running and draining a node.
+
+pub mod actors;
+pub mod api;
+pub mod app;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod domain;
+pub mod notify;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;
+
+pub use app::{Application, StartError};
+pub use config::Settings;

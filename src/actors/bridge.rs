@@ -1,0 +1,219 @@
+//! The broker bridge: consumes this node's queue and hands each event to
+//! the local actors; publishes this node's heartbeat. A delivery is acked
+//! after it was handled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use super::session::SessionMsg;
+use super::{Hub, NodeInfo};
+use crate::broker::{Delivery, Event, Queue, Route};
+use crate::domain::now_rfc3339;
+use crate::protocol::ServerFrame;
+
+/// Seconds between heartbeats.
+pub const HEARTBEAT_SECS: u64 = 5;
+/// A node that has not sent a heartbeat for this long counts as gone.
+pub const NODE_TIMEOUT_SECS: i64 = 20;
+
+/// Bridge actor; its work runs in tasks it owns.
+pub struct BrokerBridge;
+
+/// State: the consumer and heartbeat tasks.
+pub struct BridgeState {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for BrokerBridge {
+    type Msg = ();
+    type State = BridgeState;
+    type Arguments = Arc<Hub>;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        hub: Arc<Hub>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut rx = hub.broker.consume(Queue::Node(hub.node_id.clone())).await?;
+        let consumer = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                while let Some(d) = rx.recv().await {
+                    handle(&hub, d).await;
+                }
+            }
+        });
+        let heartbeat = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                let mut every = tokio::time::interval(Duration::from_secs(HEARTBEAT_SECS));
+                loop {
+                    every.tick().await;
+                    heartbeat(&hub).await;
+                }
+            }
+        });
+        Ok(BridgeState {
+            tasks: vec![consumer, heartbeat],
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for t in st.tasks.drain(..) {
+            t.abort();
+        }
+        Ok(())
+    }
+}
+
+async fn heartbeat(hub: &Hub) {
+    let users: Vec<_> = hub.sessions.iter().map(|e| e.key().clone()).collect();
+    hub.publish(
+        Route::AllNodes,
+        Event::Heartbeat {
+            node: hub.node_id.clone(),
+            address: hub.address.clone(),
+            started_at: hub.started_at.clone(),
+            sessions: users.len(),
+            rooms: hub.rooms.len(),
+            users,
+        },
+    )
+    .await;
+    // Nodes silent for too long are gone: their users are offline.
+    let now = chrono::Utc::now();
+    let dead: Vec<String> = hub
+        .nodes
+        .iter()
+        .filter(|n| n.id != hub.node_id)
+        .filter(|n| {
+            chrono::DateTime::parse_from_rfc3339(&n.last_heartbeat)
+                .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds() > NODE_TIMEOUT_SECS)
+                .unwrap_or(true)
+        })
+        .map(|n| n.id.clone())
+        .collect();
+    for node in dead {
+        tracing::warn!(node = %node, "node missed its heartbeats; its sessions count as gone");
+        node_gone(hub, &node).await;
+    }
+}
+
+async fn node_gone(hub: &Hub, node: &str) {
+    hub.nodes.remove(node);
+    for (user, online) in hub.directory.replace_node(node, &[]) {
+        presence_changed(hub, &user, online, Some(now_rfc3339()), None).await;
+    }
+}
+
+/// Tells local contacts that `user` went online or offline.
+async fn presence_changed(
+    hub: &Hub,
+    user: &crate::domain::UserId,
+    online: bool,
+    last_seen: Option<String>,
+    audience: Option<&[crate::domain::UserId]>,
+) {
+    let audience = match audience {
+        Some(a) => a.to_vec(),
+        None => hub.stores.rooms.contacts(user).await.unwrap_or_default(),
+    };
+    let frame = ServerFrame::Presence {
+        user_id: user,
+        online,
+        last_seen: last_seen.as_deref(),
+    }
+    .encode();
+    for u in &audience {
+        if let Some(s) = hub.sessions.get(u) {
+            let _ = s.cast(SessionMsg::Frame(frame.clone()));
+        }
+    }
+}
+
+async fn handle(hub: &Arc<Hub>, d: Delivery) {
+    match &d.envelope.event {
+        Event::Deliver {
+            users,
+            room_id,
+            seq,
+            exclude,
+            frame,
+        } => {
+            let frame = crate::protocol::Frame::from(frame.clone());
+            for u in users {
+                if let Some(s) = hub.sessions.get(u) {
+                    let _ = s.cast(SessionMsg::Deliver {
+                        room_id: room_id.clone(),
+                        seq: *seq,
+                        exclude: exclude.clone(),
+                        frame: frame.clone(),
+                    });
+                }
+            }
+        }
+        Event::Presence {
+            user_id,
+            node,
+            online,
+            last_seen,
+            audience,
+        } => {
+            if hub.directory.set(user_id, node, *online) {
+                presence_changed(hub, user_id, *online, last_seen.clone(), Some(audience)).await;
+            }
+        }
+        // The publishing node applied these itself before publishing.
+        Event::RoomChanged { room_id } if d.envelope.from != hub.node_id => {
+            hub.apply_room_changed(room_id, false).await;
+        }
+        Event::BlocksChanged { user_id } if d.envelope.from != hub.node_id => {
+            hub.apply_blocks_changed(user_id, false).await;
+        }
+        Event::RoomChanged { .. } | Event::BlocksChanged { .. } => {}
+        Event::Heartbeat {
+            node,
+            address,
+            started_at,
+            sessions,
+            rooms,
+            users,
+        } => {
+            hub.nodes.insert(
+                node.clone(),
+                NodeInfo {
+                    id: node.clone(),
+                    address: address.clone(),
+                    started_at: started_at.clone(),
+                    last_heartbeat: now_rfc3339(),
+                    sessions: *sessions,
+                    rooms: *rooms,
+                },
+            );
+            if node != &hub.node_id {
+                for (user, online) in hub.directory.replace_node(node, users) {
+                    let last_seen = (!online).then(now_rfc3339);
+                    presence_changed(hub, &user, online, last_seen, None).await;
+                }
+            }
+        }
+        Event::NodeLeft { node } => {
+            if node != &hub.node_id {
+                node_gone(hub, node).await;
+            }
+        }
+        Event::Disconnect { user_id } => {
+            if let Some(s) = hub.sessions.get(user_id) {
+                let _ = s.cast(SessionMsg::Disconnect);
+            }
+        }
+        Event::Notify(_) => {}
+    }
+    d.ack().await;
+}

@@ -1,0 +1,482 @@
+//! The actor tree of one node (ractor):
+//!
+//! ```text
+//! root supervisor (restarts a failed child, gives up after a burst)
+//! ├── session supervisor ── one UserSession per connected user
+//! ├── room supervisor ───── one Room per active room (lazy, idles out)
+//! └── broker bridge ─────── consumes this node's broker queue
+//! ```
+//!
+//! [`Hub`] is the shared context every actor and socket task holds: config,
+//! store, broker, the registries of live actors, and the cluster directory.
+
+pub mod bridge;
+pub mod room;
+pub mod room_sup;
+pub mod root;
+pub mod session;
+pub mod session_sup;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use dashmap::DashMap;
+use ractor::ActorRef;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, Envelope, Event, Route};
+use crate::config::Settings;
+use crate::domain::{RoomId, Seq, SessionId, UserId};
+use crate::protocol::Frame;
+use crate::store::Stores;
+
+/// How long a caller waits on an actor's answer.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Close code for a socket whose outbound queue overflowed (client resyncs).
+pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
+/// Close code when an operator disconnects the user.
+pub const CLOSE_KICKED: u16 = 4001;
+/// Close code on server shutdown.
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+
+/// Why a socket is being closed by the server.
+#[derive(Debug, Clone)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// The server's handle on one socket (one device): its bounded outbound
+/// queue and a way to close it.
+#[derive(Clone)]
+pub struct SocketHandle {
+    pub id: SessionId,
+    pub user_id: UserId,
+    pub connected_at: String,
+    tx: mpsc::Sender<Frame>,
+    close: Arc<CloseSignal>,
+}
+
+struct CloseSignal {
+    token: CancellationToken,
+    reason: OnceLock<CloseReason>,
+}
+
+/// The socket task's side of a [`SocketHandle`].
+pub struct SocketInbox {
+    pub rx: mpsc::Receiver<Frame>,
+    pub closer: Closer,
+}
+
+/// Tells the socket task that the server closes the socket, and why.
+pub struct Closer(Arc<CloseSignal>);
+
+impl Closer {
+    /// Resolves when the server decided to close the socket.
+    pub async fn closed(&self) -> CloseReason {
+        self.0.token.cancelled().await;
+        self.0.reason.get().cloned().unwrap_or(CloseReason {
+            code: CLOSE_GOING_AWAY,
+            reason: "closing",
+        })
+    }
+}
+
+impl SocketHandle {
+    /// A handle and its inbox with room for `capacity` frames.
+    pub fn new(user_id: UserId, capacity: usize) -> (Self, SocketInbox) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let close = Arc::new(CloseSignal {
+            token: CancellationToken::new(),
+            reason: OnceLock::new(),
+        });
+        (
+            Self {
+                id: SessionId::generate(),
+                user_id,
+                connected_at: crate::domain::now_rfc3339(),
+                tx,
+                close: close.clone(),
+            },
+            SocketInbox {
+                rx,
+                closer: Closer(close),
+            },
+        )
+    }
+
+    /// Queues a frame without waiting. A full queue means the client cannot
+    /// keep up: the socket is closed with 4008 and the client resyncs from
+    /// its cursors, so nothing is lost silently. Returns false if not queued.
+    pub fn push(&self, frame: Frame) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                metrics::counter!("chatd_slow_consumer_closed_total").increment(1);
+                self.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    /// Queues a frame, waiting for room (used for catch-up, where the
+    /// session may wait on its own socket).
+    pub async fn push_wait(&self, frame: Frame) -> bool {
+        tokio::select! {
+            r = self.tx.send(frame) => r.is_ok(),
+            _ = self.close.token.cancelled() => false,
+        }
+    }
+
+    /// Asks the socket task to close with `code`.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let _ = self.close.reason.set(CloseReason { code, reason });
+        self.close.token.cancel();
+    }
+
+    /// The socket task has ended or is closing.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed() || self.close.token.is_cancelled()
+    }
+
+    /// Frames waiting in the outbound queue.
+    pub fn queued(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Which nodes hold sockets of which users, cluster-wide (this node's own
+/// entries included). Kept fresh by presence events and heartbeats.
+#[derive(Default)]
+pub struct Directory {
+    users: DashMap<UserId, BTreeSet<String>>,
+}
+
+impl Directory {
+    /// Records that `node` does (or no longer does) hold `user`. Returns
+    /// whether the user's cluster-wide online state changed.
+    pub fn set(&self, user: &UserId, node: &str, online: bool) -> bool {
+        if online {
+            let mut e = self.users.entry(user.clone()).or_default();
+            let was = !e.is_empty();
+            e.insert(node.to_owned());
+            !was
+        } else {
+            let mut changed = false;
+            self.users.remove_if_mut(user, |_, nodes| {
+                let was = !nodes.is_empty();
+                nodes.remove(node);
+                changed = was && nodes.is_empty();
+                nodes.is_empty()
+            });
+            changed
+        }
+    }
+
+    /// Whether any node holds a socket of the user.
+    pub fn is_online(&self, user: &UserId) -> bool {
+        self.users.get(user).is_some_and(|n| !n.is_empty())
+    }
+
+    /// Nodes holding the user.
+    pub fn nodes_of(&self, user: &UserId) -> Vec<String> {
+        self.users
+            .get(user)
+            .map(|n| n.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Replaces what `node` holds by `users` (a heartbeat); returns users
+    /// whose online state changed, with their new state.
+    pub fn replace_node(&self, node: &str, users: &[UserId]) -> Vec<(UserId, bool)> {
+        let mut changed = Vec::new();
+        let now: std::collections::HashSet<&UserId> = users.iter().collect();
+        let stale: Vec<UserId> = self
+            .users
+            .iter()
+            .filter(|e| e.value().contains(node) && !now.contains(e.key()))
+            .map(|e| e.key().clone())
+            .collect();
+        for u in stale {
+            if self.set(&u, node, false) {
+                changed.push((u, false));
+            }
+        }
+        for u in users {
+            if self.set(u, node, true) {
+                changed.push((u.clone(), true));
+            }
+        }
+        changed
+    }
+}
+
+/// Shared context of a node.
+pub struct Hub {
+    pub node_id: String,
+    pub address: String,
+    pub started_at: String,
+    pub settings: Arc<Settings>,
+    pub stores: Stores,
+    pub broker: Arc<dyn Broker>,
+    /// Local session actors by user.
+    pub sessions: DashMap<UserId, ActorRef<session::SessionMsg>>,
+    /// Open sockets of local users; a restarted session actor adopts them.
+    pub sockets: DashMap<UserId, Vec<SocketHandle>>,
+    /// Local room actors by room.
+    pub rooms: DashMap<RoomId, ActorRef<room::RoomMsg>>,
+    pub directory: Directory,
+    /// Known nodes (this one included), for the cluster view.
+    pub nodes: DashMap<String, NodeInfo>,
+    /// Cancelled when the node shuts down: sockets stop reading.
+    pub shutdown: CancellationToken,
+    /// Room pipelines in flight; shutdown waits for them.
+    pub pipelines: TaskTracker,
+    pub(crate) session_sup: RwLock<Option<ActorRef<session_sup::SessionSupMsg>>>,
+    pub(crate) room_sup: RwLock<Option<ActorRef<room_sup::RoomSupMsg>>>,
+    pub(crate) broker_down: AtomicBool,
+    /// The root supervisor, for the admin tree.
+    pub root: OnceLock<ractor::ActorCell>,
+}
+
+/// One node as seen in the cluster view.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeInfo {
+    pub id: String,
+    pub address: String,
+    pub started_at: String,
+    pub last_heartbeat: String,
+    pub sessions: usize,
+    pub rooms: usize,
+}
+
+/// What may go wrong when asking an actor.
+#[derive(Debug, thiserror::Error)]
+pub enum ActorError {
+    #[error("not found")]
+    NotFound,
+    #[error("actor unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl Hub {
+    /// The context for a node; actors are started by [`root::start`].
+    pub fn new(
+        settings: Arc<Settings>,
+        node_id: String,
+        address: String,
+        stores: Stores,
+        broker: Arc<dyn Broker>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            node_id,
+            address,
+            started_at: crate::domain::now_rfc3339(),
+            settings,
+            stores,
+            broker,
+            sessions: DashMap::new(),
+            sockets: DashMap::new(),
+            rooms: DashMap::new(),
+            directory: Directory::default(),
+            nodes: DashMap::new(),
+            shutdown: CancellationToken::new(),
+            pipelines: TaskTracker::new(),
+            session_sup: RwLock::new(None),
+            room_sup: RwLock::new(None),
+            broker_down: AtomicBool::new(false),
+            root: OnceLock::new(),
+        })
+    }
+
+    /// Publishes, logging (not failing) when the broker is down: the store
+    /// is the source of truth and clients recover by cursor.
+    pub async fn publish(&self, route: Route, event: Event) {
+        let env = Envelope::new(&self.node_id, event);
+        match self.broker.publish(route, env).await {
+            Ok(()) => {
+                self.broker_down.store(false, Ordering::Relaxed);
+            }
+            Err(e) => {
+                if !self.broker_down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "broker publish failed; clients recover from the store");
+                }
+                metrics::counter!("chatd_broker_publish_failed_total").increment(1);
+            }
+        }
+    }
+
+    /// The room actor of `room`, started if needed. `NotFound` if the room
+    /// does not exist.
+    pub async fn room(&self, room: &RoomId) -> Result<ActorRef<room::RoomMsg>, ActorError> {
+        if let Some(r) = self.rooms.get(room) {
+            return Ok(r.clone());
+        }
+        let sup = self
+            .room_sup
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| ActorError::Unavailable("room supervisor not started".into()))?;
+        ractor::call!(sup, room_sup::RoomSupMsg::GetOrSpawn, room.clone())
+            .map_err(|e| ActorError::Unavailable(e.to_string()))?
+    }
+
+    /// Sends to a room actor, restarting it once if it stopped meanwhile.
+    pub async fn send_to_room(&self, room: &RoomId, msg: room::RoomMsg) -> Result<(), ActorError> {
+        let r = self.room(room).await?;
+        match r.cast(msg) {
+            Ok(()) => Ok(()),
+            Err(ractor::MessagingErr::SendErr(msg)) => {
+                self.rooms.remove_if(room, |_, v| v.get_id() == r.get_id());
+                let r = self.room(room).await?;
+                r.cast(msg)
+                    .map_err(|e| ActorError::Unavailable(e.to_string()))
+            }
+            Err(e) => Err(ActorError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// The session actor of a local user, started if needed.
+    pub async fn session(
+        &self,
+        user: &UserId,
+    ) -> Result<ActorRef<session::SessionMsg>, ActorError> {
+        if let Some(s) = self.sessions.get(user) {
+            return Ok(s.clone());
+        }
+        let sup = self
+            .session_sup
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| ActorError::Unavailable("session supervisor not started".into()))?;
+        ractor::call!(sup, session_sup::SessionSupMsg::GetOrSpawn, user.clone())
+            .map_err(|e| ActorError::Unavailable(e.to_string()))?
+    }
+
+    /// Delivers a frame to `users`: local sessions directly, other nodes
+    /// once per node through the broker. Returns the users that have no
+    /// socket anywhere in the cluster.
+    pub async fn deliver(
+        &self,
+        users: &[UserId],
+        room_id: &RoomId,
+        seq: Option<Seq>,
+        exclude: Option<&SessionId>,
+        frame: &Frame,
+    ) -> Vec<UserId> {
+        let mut remote: HashMap<String, Vec<UserId>> = HashMap::new();
+        let mut offline = Vec::new();
+        for u in users {
+            let mut reached = false;
+            if let Some(s) = self.sessions.get(u) {
+                let _ = s.cast(session::SessionMsg::Deliver {
+                    room_id: room_id.clone(),
+                    seq,
+                    exclude: exclude.cloned(),
+                    frame: frame.clone(),
+                });
+                reached = true;
+            }
+            for n in self.directory.nodes_of(u) {
+                if n != self.node_id {
+                    remote.entry(n).or_default().push(u.clone());
+                    reached = true;
+                }
+            }
+            if !reached {
+                offline.push(u.clone());
+            }
+        }
+        for (node, users) in remote {
+            metrics::counter!("chatd_broker_deliver_published_total").increment(1);
+            self.publish(
+                Route::Node(node),
+                Event::Deliver {
+                    users,
+                    room_id: room_id.clone(),
+                    seq,
+                    exclude: exclude.cloned(),
+                    frame: frame.as_str().to_owned(),
+                },
+            )
+            .await;
+        }
+        offline
+    }
+
+    /// Membership of `room` changed: the local room actor reloads (waiting
+    /// for it with `wait`); with `wait`, other nodes are told as well.
+    pub async fn apply_room_changed(&self, room: &RoomId, wait: bool) {
+        let actor = self.rooms.get(room).map(|r| r.clone());
+        if let Some(r) = actor {
+            if wait {
+                let _ = r
+                    .call(|p| room::RoomMsg::Reload(Some(p)), Some(CALL_TIMEOUT))
+                    .await;
+            } else {
+                let _ = r.cast(room::RoomMsg::Reload(None));
+            }
+        }
+        if wait {
+            self.publish(
+                Route::AllNodes,
+                Event::RoomChanged {
+                    room_id: room.clone(),
+                },
+            )
+            .await;
+        }
+    }
+
+    /// `user` blocked or unblocked someone: local rooms and the user's
+    /// session reload (waiting with `wait`, which also tells other nodes).
+    pub async fn apply_blocks_changed(&self, user: &UserId, wait: bool) {
+        let rooms: Vec<_> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        for r in rooms {
+            if wait {
+                let _ = r
+                    .call(
+                        |p| room::RoomMsg::BlocksChanged(user.clone(), Some(p)),
+                        Some(CALL_TIMEOUT),
+                    )
+                    .await;
+            } else {
+                let _ = r.cast(room::RoomMsg::BlocksChanged(user.clone(), None));
+            }
+        }
+        let session = self.sessions.get(user).map(|s| s.clone());
+        if let Some(s) = session {
+            if wait {
+                let _ = s
+                    .call(
+                        |p| session::SessionMsg::BlocksChanged(Some(p)),
+                        Some(CALL_TIMEOUT),
+                    )
+                    .await;
+            } else {
+                let _ = s.cast(session::SessionMsg::BlocksChanged(None));
+            }
+        }
+        if wait {
+            self.publish(
+                Route::AllNodes,
+                Event::BlocksChanged {
+                    user_id: user.clone(),
+                },
+            )
+            .await;
+        }
+    }
+
+    /// Whether the user counts as an admin.
+    pub fn is_admin(&self, username: &str) -> bool {
+        self.settings.admin.usernames.iter().any(|u| u == username)
+    }
+}

@@ -1,0 +1,373 @@
+//! One UserSession actor per connected user on this node: all of the user's
+//! sockets (devices), presence, and per-room delivery order.
+//!
+//! Each socket has a bounded outbound queue; a socket that cannot keep up is
+//! closed with 4008 and its client resyncs from its cursors, so a slow device
+//! never stalls the user's other devices or the room. Live `message` frames
+//! carry their `seq`: the session drops what it already pushed and fills a
+//! gap from the store before pushing a later message, so every socket sees a
+//! room's messages in `seq` order even across room restarts and nodes.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+
+use super::{Hub, SocketHandle, CLOSE_KICKED};
+use crate::broker::{Event, Route};
+use crate::domain::{now_rfc3339, RoomId, Seq, SessionId, UserId};
+use crate::protocol::{message_frame, Frame, ServerFrame};
+use crate::store::{HistoryQuery, RoomCursor};
+
+/// Session actor.
+pub struct SessionActor;
+
+/// Messages of a session actor.
+pub enum SessionMsg {
+    /// A socket joins: send it `ready` and what it missed.
+    Attach(SocketHandle, RpcReplyPort<()>),
+    /// A socket ended.
+    Detach(SessionId),
+    /// A room frame; `seq` is set for `message` frames.
+    Deliver {
+        room_id: RoomId,
+        seq: Option<Seq>,
+        exclude: Option<SessionId>,
+        frame: Frame,
+    },
+    /// A frame for every socket (presence).
+    Frame(Frame),
+    /// The user's blocks changed (answering on the port once applied).
+    BlocksChanged(Option<RpcReplyPort<()>>),
+    /// Close every socket (operator).
+    Disconnect,
+    /// After a restart: resend catch-up to the adopted sockets.
+    Resume,
+    /// State for the admin view.
+    Inspect(RpcReplyPort<SessionInfo>),
+}
+
+/// The admin view of a session actor.
+#[derive(Debug, Clone, Serialize)]
+pub struct SessionInfo {
+    pub node: String,
+    pub user_id: UserId,
+    pub connected_at: String,
+    pub presence: &'static str,
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// One socket in the admin view.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceInfo {
+    pub session_id: SessionId,
+    pub connected_at: String,
+    pub queued_frames: usize,
+}
+
+/// Actor state.
+pub struct SessionState {
+    hub: Arc<Hub>,
+    user_id: UserId,
+    connected_at: String,
+    sockets: Vec<SocketHandle>,
+    last_pushed: HashMap<RoomId, Seq>,
+    blocked: HashSet<UserId>,
+    announced_online: bool,
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionState;
+    /// The hub, the user, and whether to adopt sockets of a crashed predecessor.
+    type Arguments = (Arc<Hub>, UserId, bool);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (hub, user_id, adopt): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let blocked = hub
+            .stores
+            .users
+            .blocked_by(&user_id)
+            .await?
+            .into_iter()
+            .collect();
+        let sockets: Vec<SocketHandle> = if adopt {
+            hub.sockets
+                .get(&user_id)
+                .map(|v| v.iter().filter(|s| !s.is_closed()).cloned().collect())
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if !sockets.is_empty() {
+            let _ = myself.cast(SessionMsg::Resume);
+        }
+        Ok(SessionState {
+            hub,
+            user_id,
+            connected_at: now_rfc3339(),
+            announced_online: !sockets.is_empty(),
+            sockets,
+            last_pushed: HashMap::new(),
+            blocked,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        st: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Attach(socket, reply) => {
+                st.hub
+                    .sockets
+                    .entry(st.user_id.clone())
+                    .or_default()
+                    .push(socket.clone());
+                st.sockets.push(socket.clone());
+                metrics::gauge!("chatd_connections").increment(1.0);
+                let first = !st.announced_online;
+                catch_up(st, &socket, true, first).await;
+                let _ = reply.send(());
+                if first {
+                    st.announced_online = true;
+                    announce(st, true, None).await;
+                }
+            }
+            SessionMsg::Detach(id) => {
+                if let Some(pos) = st.sockets.iter().position(|s| s.id == id) {
+                    st.sockets.swap_remove(pos);
+                    metrics::gauge!("chatd_connections").decrement(1.0);
+                }
+                st.hub.sockets.remove_if_mut(&st.user_id, |_, v| {
+                    v.retain(|s| s.id != id);
+                    v.is_empty()
+                });
+                st.sockets.retain(|s| !s.is_closed());
+                if st.sockets.is_empty() {
+                    go_offline(st, &myself).await;
+                }
+            }
+            SessionMsg::Deliver {
+                room_id,
+                seq,
+                exclude,
+                frame,
+            } => deliver(st, room_id, seq, exclude, frame).await,
+            SessionMsg::Frame(frame) => {
+                for s in &st.sockets {
+                    s.push(frame.clone());
+                }
+            }
+            SessionMsg::BlocksChanged(reply) => {
+                st.blocked = st
+                    .hub
+                    .stores
+                    .users
+                    .blocked_by(&st.user_id)
+                    .await?
+                    .into_iter()
+                    .collect();
+                if let Some(r) = reply {
+                    let _ = r.send(());
+                }
+            }
+            SessionMsg::Disconnect => {
+                for s in &st.sockets {
+                    s.close(CLOSE_KICKED, "disconnected by an operator");
+                }
+            }
+            SessionMsg::Resume => {
+                let sockets = st.sockets.clone();
+                for (i, s) in sockets.iter().enumerate() {
+                    catch_up(st, s, false, i == 0).await;
+                }
+            }
+            SessionMsg::Inspect(reply) => {
+                let _ = reply.send(SessionInfo {
+                    node: st.hub.node_id.clone(),
+                    user_id: st.user_id.clone(),
+                    connected_at: st.connected_at.clone(),
+                    presence: if st.sockets.is_empty() {
+                        "offline"
+                    } else {
+                        "online"
+                    },
+                    devices: st
+                        .sockets
+                        .iter()
+                        .map(|s| DeviceInfo {
+                            session_id: s.id.clone(),
+                            connected_at: s.connected_at.clone(),
+                            queued_frames: s.queued(),
+                        })
+                        .collect(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Last socket gone: leave the registry, record `last_seen`, tell contacts.
+async fn go_offline(st: &mut SessionState, myself: &ActorRef<SessionMsg>) {
+    let id = myself.get_id();
+    st.hub
+        .sessions
+        .remove_if(&st.user_id, |_, v| v.get_id() == id);
+    metrics::gauge!("chatd_sessions").set(st.hub.sessions.len() as f64);
+    let now = now_rfc3339();
+    if let Err(e) = st.hub.stores.users.set_last_seen(&st.user_id, &now).await {
+        tracing::warn!(error = %e, "could not store last_seen");
+    }
+    announce(st, false, Some(now)).await;
+    myself.stop(Some("empty".into()));
+}
+
+async fn announce(st: &SessionState, online: bool, last_seen: Option<String>) {
+    let audience = match audience_of(&st.hub, &st.user_id).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "presence audience unavailable");
+            Vec::new()
+        }
+    };
+    st.hub
+        .publish(
+            Route::AllNodes,
+            Event::Presence {
+                user_id: st.user_id.clone(),
+                node: st.hub.node_id.clone(),
+                online,
+                last_seen,
+                audience,
+            },
+        )
+        .await;
+}
+
+/// Contacts of `user` that do not block it.
+async fn audience_of(hub: &Hub, user: &UserId) -> Result<Vec<UserId>, crate::store::StoreError> {
+    let contacts = hub.stores.rooms.contacts(user).await?;
+    let blockers: HashSet<UserId> = hub
+        .stores
+        .users
+        .blockers_of(user)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(contacts
+        .into_iter()
+        .filter(|c| !blockers.contains(c))
+        .collect())
+}
+
+async fn deliver(
+    st: &mut SessionState,
+    room_id: RoomId,
+    seq: Option<Seq>,
+    exclude: Option<SessionId>,
+    frame: Frame,
+) {
+    if let Some(seq) = seq {
+        let last = st.last_pushed.get(&room_id).copied();
+        match last {
+            Some(last) if seq <= last => return,
+            Some(last) if seq > last + 1 => {
+                // A gap: the missing messages are stored (they were
+                // committed before this one); push them first.
+                fill_gap(st, &room_id, last, seq).await;
+            }
+            _ => {}
+        }
+        st.last_pushed.insert(room_id, seq);
+        metrics::counter!("chatd_messages_delivered_total").increment(st.sockets.len() as u64);
+    }
+    for s in &st.sockets {
+        if exclude.as_ref() != Some(&s.id) {
+            s.push(frame.clone());
+        }
+    }
+}
+
+async fn fill_gap(st: &mut SessionState, room_id: &RoomId, last: Seq, upto: Seq) {
+    let q = HistoryQuery {
+        before: Some(upto),
+        after: Some(last),
+        limit: (upto - last).clamp(1, 1000) as u32,
+    };
+    match st.hub.stores.messages.history(room_id, q).await {
+        Ok(msgs) => {
+            for m in msgs.iter().filter(|m| !st.blocked.contains(&m.sender_id)) {
+                let f = message_frame(m);
+                for s in &st.sockets {
+                    s.push(f.clone());
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, room = %room_id, "gap fill failed; clients resync by cursor")
+        }
+    }
+}
+
+/// Sends `ready` (if asked) and every message after the user's delivered
+/// cursor in each room, in order. With `baseline`, the session's per-room
+/// order starts from what this catch-up covered.
+async fn catch_up(st: &mut SessionState, socket: &SocketHandle, ready: bool, baseline: bool) {
+    let cursors: Vec<RoomCursor> = match st.hub.stores.rooms.cursors_for_user(&st.user_id).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read cursors; closing socket so the client retries");
+            socket.close(1011, "store unavailable; reconnect");
+            return;
+        }
+    };
+    if ready {
+        let f = ServerFrame::Ready {
+            user_id: &st.user_id,
+            session_id: &socket.id,
+            node_id: &st.hub.node_id,
+            rooms: &cursors,
+        }
+        .encode();
+        if !socket.push_wait(f).await {
+            return;
+        }
+    }
+    for c in &cursors {
+        if baseline {
+            let e = st.last_pushed.entry(c.room_id.clone()).or_insert(0);
+            *e = (*e).max(c.last_seq);
+        }
+        let mut after = c.delivered_seq;
+        while after < c.last_seq {
+            let q = HistoryQuery {
+                before: Some(c.last_seq + 1),
+                after: Some(after),
+                limit: 500,
+            };
+            let page = match st.hub.stores.messages.history(&c.room_id, q).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "catch-up read failed; closing socket");
+                    socket.close(1011, "store unavailable; reconnect");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            for m in page.iter().filter(|m| !st.blocked.contains(&m.sender_id)) {
+                if !socket.push_wait(message_frame(m)).await {
+                    return;
+                }
+            }
+        }
+    }
+}

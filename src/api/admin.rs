@@ -1,0 +1,220 @@
+//! `/admin/v1`: the live actors of this node and the cluster (admin role).
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::Router;
+use ractor::ActorCell;
+use serde::Serialize;
+
+use super::{AdminUser, ApiResult, AppState, Error, Json, Path};
+use crate::actors::room::RoomInfo;
+use crate::actors::session::{SessionInfo, SessionMsg};
+use crate::actors::{NodeInfo, CALL_TIMEOUT};
+use crate::broker::{Event, Route};
+use crate::domain::{RoomId, UserId};
+
+/// Admin routes.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/cluster", get(cluster))
+        .route("/actors", get(actors))
+        .route("/actors/{id}/stop", post(stop_actor))
+        .route("/sessions/{user_id}", get(sessions))
+        .route("/sessions/{user_id}/disconnect", post(disconnect))
+        .route("/rooms/{room_id}", get(room))
+}
+
+#[derive(Serialize)]
+struct Cluster {
+    node_id: String,
+    nodes: Vec<NodeInfo>,
+}
+
+async fn cluster(State(st): State<AppState>, _a: AdminUser) -> Json<Cluster> {
+    let hub = &st.hub;
+    let mut nodes: Vec<NodeInfo> = hub.nodes.iter().map(|n| n.value().clone()).collect();
+    if !nodes.iter().any(|n| n.id == hub.node_id) {
+        nodes.push(NodeInfo {
+            id: hub.node_id.clone(),
+            address: hub.address.clone(),
+            started_at: hub.started_at.clone(),
+            last_heartbeat: crate::domain::now_rfc3339(),
+            sessions: hub.sessions.len(),
+            rooms: hub.rooms.len(),
+        });
+    }
+    for n in nodes.iter_mut().filter(|n| n.id == hub.node_id) {
+        n.sessions = hub.sessions.len();
+        n.rooms = hub.rooms.len();
+    }
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(Cluster {
+        node_id: hub.node_id.clone(),
+        nodes,
+    })
+}
+
+/// One actor in the supervision tree.
+#[derive(Serialize)]
+pub struct ActorNode {
+    pub id: String,
+    pub name: Option<String>,
+    pub kind: String,
+    pub status: String,
+    /// ractor does not expose mailbox lengths; `null` where unknown.
+    pub mailbox_len: Option<usize>,
+    /// What the actor serves: a user id, a room id.
+    pub subject: Option<String>,
+    pub children: Vec<ActorNode>,
+}
+
+fn describe(st: &AppState, cell: &ActorCell) -> ActorNode {
+    let id = cell.get_id();
+    let name = cell.get_name();
+    let mut subject = None;
+    let kind = if let Some(e) = st.hub.sessions.iter().find(|e| e.value().get_id() == id) {
+        subject = Some(e.key().to_string());
+        "session".to_owned()
+    } else if let Some(e) = st.hub.rooms.iter().find(|e| e.value().get_id() == id) {
+        subject = Some(e.key().to_string());
+        "room".to_owned()
+    } else {
+        match name.as_deref().and_then(|n| n.split('@').next()) {
+            Some("root") => "root_supervisor",
+            Some("sessions") => "session_supervisor",
+            Some("rooms") => "room_supervisor",
+            Some("broker-bridge") => "broker_bridge",
+            Some("notifier") => "notification_pool",
+            _ => "actor",
+        }
+        .to_owned()
+    };
+    let mut children: Vec<ActorNode> = cell
+        .get_children()
+        .iter()
+        .map(|c| describe(st, c))
+        .collect();
+    children.sort_by(|a, b| a.id.cmp(&b.id));
+    ActorNode {
+        id: id.to_string(),
+        name,
+        kind,
+        status: format!("{:?}", cell.get_status()).to_lowercase(),
+        mailbox_len: None,
+        subject,
+        children,
+    }
+}
+
+fn root(st: &AppState) -> ApiResult<ActorCell> {
+    st.hub
+        .root
+        .get()
+        .cloned()
+        .ok_or_else(|| Error::Unavailable("actor tree not started".into()))
+}
+
+async fn actors(State(st): State<AppState>, _a: AdminUser) -> ApiResult<Json<ActorNode>> {
+    Ok(Json(describe(&st, &root(&st)?)))
+}
+
+fn find(cell: &ActorCell, id: &str) -> Option<ActorCell> {
+    if cell.get_id().to_string() == id {
+        return Some(cell.clone());
+    }
+    cell.get_children().iter().find_map(|c| find(c, id))
+}
+
+async fn stop_actor(
+    State(st): State<AppState>,
+    _a: AdminUser,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let root = root(&st)?;
+    if root.get_id().to_string() == id {
+        return Err(Error::bad(
+            "the root supervisor cannot be stopped from here",
+        ));
+    }
+    let cell = find(&root, &id).ok_or_else(|| Error::NotFound("no such actor".into()))?;
+    tracing::warn!(actor = %id, "stopped by an operator");
+    cell.stop(Some("stopped by operator".into()));
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Serialize)]
+struct Sessions {
+    user_id: UserId,
+    sessions: Vec<SessionInfo>,
+    /// Nodes that did not answer in time.
+    unreachable_nodes: Vec<String>,
+}
+
+async fn sessions(
+    State(st): State<AppState>,
+    _a: AdminUser,
+    Path(user): Path<String>,
+) -> ApiResult<Json<Sessions>> {
+    let user = UserId::parse(&user).map_err(|_| Error::NotFound("no such user".into()))?;
+    let mut out = Vec::new();
+    let local = st.hub.sessions.get(&user).map(|s| s.clone());
+    if let Some(s) = local {
+        if let Ok(ractor::rpc::CallResult::Success(info)) =
+            s.call(SessionMsg::Inspect, Some(CALL_TIMEOUT)).await
+        {
+            out.push(info);
+        }
+    }
+    // Other nodes holding the user (from the directory) are listed as
+    // unreachable until the cross-node admin query lands.
+    let unreachable_nodes = st
+        .hub
+        .directory
+        .nodes_of(&user)
+        .into_iter()
+        .filter(|n| n != &st.hub.node_id)
+        .collect();
+    Ok(Json(Sessions {
+        user_id: user,
+        sessions: out,
+        unreachable_nodes,
+    }))
+}
+
+async fn disconnect(
+    State(st): State<AppState>,
+    _a: AdminUser,
+    Path(user): Path<String>,
+) -> ApiResult<StatusCode> {
+    let user = UserId::parse(&user).map_err(|_| Error::NotFound("no such user".into()))?;
+    let local = st.hub.sessions.get(&user).map(|s| s.clone());
+    if let Some(s) = local {
+        let _ = s.cast(SessionMsg::Disconnect);
+    }
+    st.hub
+        .publish(Route::AllNodes, Event::Disconnect { user_id: user })
+        .await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn room(
+    State(st): State<AppState>,
+    _a: AdminUser,
+    Path(room): Path<String>,
+) -> ApiResult<Json<RoomInfo>> {
+    let room = RoomId::parse(&room).map_err(|_| Error::NotFound("no such room".into()))?;
+    let actor = st
+        .hub
+        .rooms
+        .get(&room)
+        .map(|r| r.clone())
+        .ok_or_else(|| Error::NotFound("no active actor for this room on this node".into()))?;
+    match actor
+        .call(crate::actors::room::RoomMsg::Inspect, Some(CALL_TIMEOUT))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(info)) => Ok(Json(info)),
+        _ => Err(Error::Unavailable("room actor did not answer".into())),
+    }
+}

@@ -1,0 +1,188 @@
+//! `/auth`: register, login, refresh (rotation with reuse detection), logout.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use serde::{Deserialize, Serialize};
+
+use super::{ApiResult, AppState, Error, Json};
+use crate::auth::AuthUser;
+use crate::domain::{DisplayName, Email, Password, Username};
+use crate::store::{NewRefreshToken, NewUser, RotateOutcome, User};
+
+/// Routes under `/api/v1/auth`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/auth/register", post(register))
+        .route("/auth/login", post(login))
+        .route("/auth/refresh", post(refresh))
+        .route("/auth/logout", post(logout))
+}
+
+#[derive(Deserialize)]
+struct RegisterBody {
+    username: String,
+    email: String,
+    password: String,
+    #[serde(default)]
+    display_name: Option<String>,
+}
+
+/// The answer of register, login and refresh.
+#[derive(Serialize)]
+pub struct Session {
+    pub user: User,
+    pub access_token: String,
+    pub refresh_token: String,
+    pub expires_in: u64,
+}
+
+async fn issue(st: &AppState, user: User, family: Option<String>) -> ApiResult<Session> {
+    let (token, hash) = st.auth.new_refresh();
+    let expires_at = chrono::Utc::now().timestamp() + st.auth.refresh_ttl.as_secs() as i64;
+    st.hub
+        .stores
+        .auth
+        .insert_refresh(NewRefreshToken {
+            hash,
+            user_id: user.id.clone(),
+            family_id: family.unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string()),
+            expires_at,
+        })
+        .await?;
+    Ok(Session {
+        access_token: st.auth.issue_access(&user.id, user.username.as_ref()),
+        refresh_token: token,
+        expires_in: st.auth.access_ttl.as_secs(),
+        user,
+    })
+}
+
+#[tracing::instrument(skip_all)]
+async fn register(
+    State(st): State<AppState>,
+    Json(b): Json<RegisterBody>,
+) -> ApiResult<(StatusCode, Json<Session>)> {
+    let limits = &st.hub.settings.limits;
+    let username = Username::parse(&b.username, limits)?;
+    let email = Email::parse(&b.email)?;
+    let password = Password::parse(&b.password, limits)?;
+    let display_name = match b.display_name.as_deref() {
+        Some(d) => Some(DisplayName::parse(d, limits)?.as_ref().to_owned()),
+        None => None,
+    };
+    let password_hash = st
+        .auth
+        .hash_password(&password)
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let user = st
+        .hub
+        .stores
+        .users
+        .create_user(NewUser {
+            username,
+            email,
+            display_name,
+            password_hash,
+        })
+        .await?;
+    tracing::info!(user = %user.id, "registered");
+    Ok((StatusCode::CREATED, Json(issue(&st, user, None).await?)))
+}
+
+#[derive(Deserialize)]
+struct LoginBody {
+    login: String,
+    password: String,
+}
+
+#[tracing::instrument(skip_all)]
+async fn login(
+    State(st): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Json(b): Json<LoginBody>,
+) -> ApiResult<Json<Session>> {
+    let ip = Some(peer.ip());
+    if let Some(wait) = st.auth.limiter().check(&b.login, ip) {
+        return Err(Error::RateLimited(wait));
+    }
+    let found = st.hub.stores.users.credentials(&b.login).await?;
+    let ok = st
+        .auth
+        .verify_password(&b.password, found.as_ref().map(|(_, h)| h.as_str()))
+        .await;
+    match found {
+        Some((user, _)) if ok => {
+            st.auth.limiter().succeeded(&b.login);
+            Ok(Json(issue(&st, user, None).await?))
+        }
+        _ => {
+            st.auth.limiter().failed(&b.login, ip);
+            Err(Error::Unauthorized(
+                "invalid_credentials",
+                "unknown user or wrong password".into(),
+            ))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RefreshBody {
+    refresh_token: String,
+}
+
+#[tracing::instrument(skip_all)]
+async fn refresh(
+    State(st): State<AppState>,
+    Json(b): Json<RefreshBody>,
+) -> ApiResult<Json<Session>> {
+    let old = crate::auth::AuthService::hash_refresh(&b.refresh_token);
+    let (token, hash) = st.auth.new_refresh();
+    let now = chrono::Utc::now().timestamp();
+    let expires_at = now + st.auth.refresh_ttl.as_secs() as i64;
+    match st
+        .hub
+        .stores
+        .auth
+        .rotate_refresh(&old, &hash, expires_at, now)
+        .await?
+    {
+        RotateOutcome::Rotated(user_id) => {
+            let user = st.hub.stores.users.user(&user_id).await?.ok_or_else(|| {
+                Error::Unauthorized("invalid_refresh_token", "user no longer exists".into())
+            })?;
+            Ok(Json(Session {
+                access_token: st.auth.issue_access(&user.id, user.username.as_ref()),
+                refresh_token: token,
+                expires_in: st.auth.access_ttl.as_secs(),
+                user,
+            }))
+        }
+        RotateOutcome::Reused => {
+            tracing::warn!("refresh token reused; the login was revoked");
+            Err(Error::Unauthorized(
+                "invalid_refresh_token",
+                "refresh token was already used; log in again".into(),
+            ))
+        }
+        RotateOutcome::Invalid => Err(Error::Unauthorized(
+            "invalid_refresh_token",
+            "unknown or expired refresh token".into(),
+        )),
+    }
+}
+
+#[tracing::instrument(skip_all, fields(user = %user.id))]
+async fn logout(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Json(b): Json<RefreshBody>,
+) -> ApiResult<StatusCode> {
+    let hash = crate::auth::AuthService::hash_refresh(&b.refresh_token);
+    st.hub.stores.auth.revoke_refresh(&hash).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

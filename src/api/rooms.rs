@@ -1,0 +1,342 @@
+//! `/rooms`: direct and group rooms, members, history, and HTTP sends (which
+//! go through the same Room actor as socket sends).
+
+use std::collections::HashSet;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+use super::{ApiResult, AppState, Error, Json, Path, Query};
+use crate::actors::room::{Replier, RoomMsg};
+use crate::auth::AuthUser;
+use crate::domain::{ClientMsgId, MessageBody, RoomId, RoomName, UserId};
+use crate::store::{HistoryQuery, Message, Role, Room, RoomKind, RoomSummary};
+
+/// Routes under `/api/v1/rooms`.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/rooms", post(create).get(list))
+        .route("/rooms/{id}", get(show))
+        .route("/rooms/{id}/members", post(add_member))
+        .route("/rooms/{id}/members/{user_id}", delete(remove_member))
+        .route("/rooms/{id}/messages", get(history).post(send))
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+enum CreateBody {
+    Direct {
+        peer: String,
+    },
+    Group {
+        name: String,
+        #[serde(default)]
+        members: Vec<String>,
+    },
+}
+
+fn room_id(s: &str) -> ApiResult<RoomId> {
+    RoomId::parse(s).map_err(|_| Error::NotFound("no such room".into()))
+}
+
+fn user_id(s: &str) -> ApiResult<UserId> {
+    UserId::parse(s).map_err(|e| Error::BadRequest {
+        code: "invalid_user_id",
+        message: e.message,
+    })
+}
+
+/// The room, if it exists and `user` is a member: 404 if missing, 403 if foreign.
+async fn member_room(st: &AppState, id: &str, user: &UserId) -> ApiResult<Room> {
+    let id = room_id(id)?;
+    let room = st
+        .hub
+        .stores
+        .rooms
+        .room(&id)
+        .await?
+        .ok_or_else(|| Error::NotFound("no such room".into()))?;
+    if room.member(user).is_none() {
+        return Err(Error::not_member());
+    }
+    Ok(room)
+}
+
+#[tracing::instrument(skip_all, fields(user = %user.id))]
+async fn create(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Json(b): Json<CreateBody>,
+) -> ApiResult<(StatusCode, Json<Room>)> {
+    match b {
+        CreateBody::Direct { peer } => {
+            let peer = user_id(&peer)?;
+            if peer == user.id {
+                return Err(Error::BadRequest {
+                    code: "invalid_peer",
+                    message: "a direct room needs another user".into(),
+                });
+            }
+            let (room, created) = st
+                .hub
+                .stores
+                .rooms
+                .create_direct(&user.id, &peer)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::NotFound => Error::NotFound("no such user".into()),
+                    other => other.into(),
+                })?;
+            let status = if created {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok((status, Json(room)))
+        }
+        CreateBody::Group { name, members } => {
+            let limits = &st.hub.settings.limits;
+            let name = RoomName::parse(&name, limits)?;
+            let mut seen = HashSet::new();
+            let mut ids = Vec::new();
+            for m in &members {
+                let id = user_id(m)?;
+                if id != user.id && seen.insert(id.clone()) {
+                    ids.push(id);
+                }
+            }
+            if ids.len() + 1 > limits.group_max_members {
+                return Err(Error::BadRequest {
+                    code: "too_many_members",
+                    message: format!("a group has at most {} members", limits.group_max_members),
+                });
+            }
+            let room = st
+                .hub
+                .stores
+                .rooms
+                .create_group(&user.id, name.as_ref(), &ids)
+                .await
+                .map_err(|e| match e {
+                    crate::store::StoreError::NotFound => {
+                        Error::NotFound("a member does not exist".into())
+                    }
+                    other => other.into(),
+                })?;
+            Ok((StatusCode::CREATED, Json(room)))
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Rooms {
+    rooms: Vec<RoomSummary>,
+}
+
+async fn list(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Rooms>> {
+    Ok(Json(Rooms {
+        rooms: st.hub.stores.rooms.rooms_for_user(&user.id).await?,
+    }))
+}
+
+async fn show(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Room>> {
+    Ok(Json(member_room(&st, &id, &user.id).await?))
+}
+
+#[derive(Deserialize)]
+struct AddMember {
+    user_id: String,
+}
+
+fn can_manage(room: &Room, user: &UserId) -> bool {
+    room.member(user)
+        .is_some_and(|m| matches!(m.role, Role::Owner | Role::Admin))
+}
+
+#[tracing::instrument(skip_all, fields(user = %user.id))]
+async fn add_member(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Json(b): Json<AddMember>,
+) -> ApiResult<StatusCode> {
+    let room = member_room(&st, &id, &user.id).await?;
+    if room.kind != RoomKind::Group {
+        return Err(Error::BadRequest {
+            code: "not_a_group",
+            message: "members can only be changed in group rooms".into(),
+        });
+    }
+    if !can_manage(&room, &user.id) {
+        return Err(Error::Forbidden(
+            "only the owner or an admin of the room may add members".into(),
+        ));
+    }
+    let target = user_id(&b.user_id)?;
+    if room.member(&target).is_some() {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    if room.members.len() >= st.hub.settings.limits.group_max_members {
+        return Err(Error::BadRequest {
+            code: "too_many_members",
+            message: "the room is full".into(),
+        });
+    }
+    st.hub
+        .stores
+        .rooms
+        .add_member(&room.id, &target, Role::Member)
+        .await
+        .map_err(|e| match e {
+            crate::store::StoreError::NotFound => Error::NotFound("no such user".into()),
+            other => other.into(),
+        })?;
+    st.hub.apply_room_changed(&room.id, true).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[tracing::instrument(skip_all, fields(user = %user.id))]
+async fn remove_member(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Path((id, target)): Path<(String, String)>,
+) -> ApiResult<StatusCode> {
+    let room = member_room(&st, &id, &user.id).await?;
+    if room.kind != RoomKind::Group {
+        return Err(Error::BadRequest {
+            code: "not_a_group",
+            message: "members can only be changed in group rooms".into(),
+        });
+    }
+    let target = user_id(&target)?;
+    let Some(t) = room.member(&target) else {
+        return Err(Error::NotFound("not a member of this room".into()));
+    };
+    // Anyone may leave; the owner or an admin may remove others, but nobody
+    // removes the owner.
+    let leaving = target == user.id;
+    if !leaving && (!can_manage(&room, &user.id) || t.role == Role::Owner) {
+        return Err(Error::Forbidden("you may not remove this member".into()));
+    }
+    st.hub.stores.rooms.remove_member(&room.id, &target).await?;
+    st.hub.apply_room_changed(&room.id, true).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct HistoryParams {
+    before: Option<i64>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct Messages {
+    messages: Vec<Message>,
+}
+
+/// Messages visible to `user` (senders it blocks are hidden).
+pub async fn visible(st: &AppState, user: &UserId, msgs: Vec<Message>) -> ApiResult<Vec<Message>> {
+    let blocked: HashSet<UserId> = st
+        .hub
+        .stores
+        .users
+        .blocked_by(user)
+        .await?
+        .into_iter()
+        .collect();
+    if blocked.is_empty() {
+        return Ok(msgs);
+    }
+    Ok(msgs
+        .into_iter()
+        .filter(|m| !blocked.contains(&m.sender_id))
+        .collect())
+}
+
+async fn history(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryParams>,
+) -> ApiResult<Json<Messages>> {
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=100).contains(&limit) {
+        return Err(Error::BadRequest {
+            code: "invalid_limit",
+            message: "limit must be 1–100".into(),
+        });
+    }
+    if q.before.is_some_and(|b| b < 0) || q.after.is_some_and(|a| a < 0) {
+        return Err(Error::bad("before and after must be non-negative"));
+    }
+    let room = member_room(&st, &id, &user.id).await?;
+    let msgs = st
+        .hub
+        .stores
+        .messages
+        .history(
+            &room.id,
+            HistoryQuery {
+                before: q.before,
+                after: q.after,
+                limit,
+            },
+        )
+        .await?;
+    Ok(Json(Messages {
+        messages: visible(&st, &user.id, msgs).await?,
+    }))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    client_msg_id: String,
+    body: String,
+}
+
+#[tracing::instrument(skip_all, fields(user = %user.id))]
+async fn send(
+    State(st): State<AppState>,
+    user: AuthUser,
+    Path(id): Path<String>,
+    Json(b): Json<SendBody>,
+) -> ApiResult<(StatusCode, Json<Message>)> {
+    let limits = &st.hub.settings.limits;
+    let room = room_id(&id)?;
+    let client_msg_id = ClientMsgId::parse(&b.client_msg_id, limits)?;
+    let body = MessageBody::parse(&b.body, limits)?;
+    let (tx, rx) = oneshot::channel();
+    st.hub
+        .send_to_room(
+            &room,
+            RoomMsg::Send {
+                sender: user.id.clone(),
+                client_msg_id,
+                body,
+                reply: Replier::Http(tx),
+            },
+        )
+        .await?;
+    let appended = rx
+        .await
+        .map_err(|_| {
+            Error::Unavailable("the room restarted; retry with the same client_msg_id".into())
+        })?
+        .map_err(|e| match e {
+            crate::actors::room::SendError::Forbidden => Error::not_member(),
+            crate::actors::room::SendError::NotFound => Error::NotFound("no such room".into()),
+            crate::actors::room::SendError::Unavailable => Error::Unavailable(
+                "could not store the message; retry with the same client_msg_id".into(),
+            ),
+        })?;
+    Ok((StatusCode::CREATED, Json(appended.message)))
+}

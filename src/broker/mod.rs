@@ -1,0 +1,193 @@
+//! The message bus between nodes (and, on one node, between subsystems).
+//!
+//! One trait, [`Broker`], two backends: [`inprocess`] (the default: queues in
+//! this process) and RabbitMQ (its own issue). The actors only see the trait:
+//! they publish an [`Envelope`] to a [`Route`] and the bridge consumes this
+//! node's queue. Deliveries are acked only after they were handled.
+
+pub mod inprocess;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::domain::{MessageId, RoomId, Seq, SessionId, UserId};
+
+/// Version of the envelope format on the wire.
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// Where a published envelope goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// The queue of one node.
+    Node(String),
+    /// Every node's queue (including the publisher's own).
+    AllNodes,
+    /// The shared queue of the notification pool (one consumer gets each job).
+    Notify,
+}
+
+/// What travels on the bus.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Format version, [`ENVELOPE_VERSION`].
+    pub v: u32,
+    /// Node that published it.
+    pub from: String,
+    /// The content.
+    pub event: Event,
+}
+
+impl Envelope {
+    /// Wraps an event published by `from`.
+    pub fn new(from: &str, event: Event) -> Self {
+        Self {
+            v: ENVELOPE_VERSION,
+            from: from.to_owned(),
+            event,
+        }
+    }
+}
+
+/// The events nodes exchange.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event {
+    /// A server frame for the local sessions of `users`.
+    Deliver {
+        users: Vec<UserId>,
+        room_id: RoomId,
+        /// Set for `message` frames (sessions keep per-room order with it).
+        seq: Option<Seq>,
+        /// The sending socket, which gets an ack instead of the echo.
+        exclude: Option<SessionId>,
+        /// The serialized frame, sent as is.
+        frame: String,
+    },
+    /// A node gained the first or lost the last socket of a user.
+    Presence {
+        user_id: UserId,
+        node: String,
+        online: bool,
+        last_seen: Option<String>,
+        /// Who should hear of it (contacts that do not block the user).
+        audience: Vec<UserId>,
+    },
+    /// Membership of a room changed: room actors reload it.
+    RoomChanged { room_id: RoomId },
+    /// A user blocked or unblocked someone.
+    BlocksChanged { user_id: UserId },
+    /// A node is alive; `users` are the users it holds sockets of.
+    Heartbeat {
+        node: String,
+        address: String,
+        started_at: String,
+        sessions: usize,
+        rooms: usize,
+        users: Vec<UserId>,
+    },
+    /// A node is going away cleanly.
+    NodeLeft { node: String },
+    /// Close every socket of a user.
+    Disconnect { user_id: UserId },
+    /// A message that some members did not receive live.
+    Notify(NotifyJob),
+}
+
+/// Work for the notification pool: one stored message and the recipients
+/// who had no live socket when it was fanned out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NotifyJob {
+    pub room_id: RoomId,
+    pub message_id: MessageId,
+    pub seq: Seq,
+    pub sender_id: UserId,
+    pub recipients: Vec<UserId>,
+    pub created_at: String,
+}
+
+/// Broker failures.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// Not connected (the caller may retry; nothing was published).
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// A consumer was asked for twice, or similar misuse.
+    #[error("broker: {0}")]
+    Other(String),
+}
+
+/// Settles a delivery with the backend.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Handled: remove it from the queue.
+    async fn ack(&self);
+    /// Not handled: give it back (`requeue`) or drop it.
+    async fn nack(&self, requeue: bool);
+}
+
+/// One consumed envelope, to be acked after it was handled.
+pub struct Delivery {
+    /// The content.
+    pub envelope: Envelope,
+    acker: Option<Box<dyn Acker>>,
+}
+
+impl Delivery {
+    /// A delivery settled through `acker` (None: nothing to settle).
+    pub fn new(envelope: Envelope, acker: Option<Box<dyn Acker>>) -> Self {
+        Self { envelope, acker }
+    }
+
+    /// Handled.
+    pub async fn ack(self) {
+        if let Some(a) = self.acker {
+            a.ack().await;
+        }
+    }
+
+    /// Not handled.
+    pub async fn nack(self, requeue: bool) {
+        if let Some(a) = self.acker {
+            a.nack(requeue).await;
+        }
+    }
+}
+
+/// Which queue a consumer reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Queue {
+    /// This node's own queue (deliveries, presence, control).
+    Node(String),
+    /// The notification pool's shared queue.
+    Notify,
+}
+
+/// The bus.
+#[async_trait]
+pub trait Broker: Send + Sync {
+    /// Publishes; returns once the backend has taken responsibility
+    /// (publisher confirm on RabbitMQ).
+    async fn publish(&self, route: Route, envelope: Envelope) -> Result<(), BrokerError>;
+    /// Starts consuming a queue. Each queue is consumed once per process.
+    async fn consume(&self, queue: Queue) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
+    /// Connected and able to publish.
+    fn is_ready(&self) -> bool;
+    /// Backend name.
+    fn kind(&self) -> &'static str;
+}
+
+/// Opens the configured backend.
+pub async fn open(
+    cfg: &crate::config::BrokerConfig,
+    node_id: &str,
+) -> Result<Arc<dyn Broker>, BrokerError> {
+    match cfg.kind.as_str() {
+        "inprocess" | "in-process" | "memory" => Ok(Arc::new(inprocess::InProcess::new(node_id))),
+        other => Err(BrokerError::Other(format!(
+            "unknown broker kind {other:?} (expected \"inprocess\")"
+        ))),
+    }
+}

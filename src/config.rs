@@ -1,0 +1,253 @@
+//! Layered configuration: the `config.toml` shipped in the binary, then an
+//! optional file named on the command line, then `CHAT__SECTION__KEY`
+//! environment variables (`__` separates levels). Secrets are never logged.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::domain::Limits;
+
+/// The defaults, identical to the repository's `config.toml`.
+pub const DEFAULTS: &str = include_str!("../config.toml");
+
+/// Everything chatd reads at start.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Settings {
+    pub node: NodeConfig,
+    pub http: HttpConfig,
+    pub ws: WsConfig,
+    pub store: StoreConfig,
+    pub broker: BrokerConfig,
+    pub auth: AuthConfig,
+    pub admin: AdminConfig,
+    pub rooms: RoomsConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+/// `[node]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NodeConfig {
+    pub id: String,
+    pub role: String,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HttpConfig {
+    pub listen: String,
+    pub max_body_bytes: usize,
+}
+
+/// `[ws]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct WsConfig {
+    pub max_frame_bytes: usize,
+    pub outbound_queue: usize,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+    pub idle_timeout_secs: u64,
+}
+
+/// `[store]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct StoreConfig {
+    pub kind: String,
+    pub sqlite: SqliteConfig,
+    pub mongodb: MongoConfig,
+}
+
+/// `[store.sqlite]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SqliteConfig {
+    pub path: String,
+    pub synchronous: String,
+    pub max_batch: usize,
+}
+
+/// `[store.mongodb]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MongoConfig {
+    #[serde(serialize_with = "redact")]
+    pub uri: String,
+    pub database: String,
+}
+
+/// `[broker]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct BrokerConfig {
+    pub kind: String,
+    pub rabbitmq: RabbitConfig,
+}
+
+/// `[broker.rabbitmq]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RabbitConfig {
+    #[serde(serialize_with = "redact")]
+    pub uri: String,
+    pub prefetch: u16,
+}
+
+/// `[auth]`.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct AuthConfig {
+    #[serde(serialize_with = "redact")]
+    pub jwt_secret: String,
+    pub access_ttl_secs: u64,
+    pub refresh_ttl_secs: u64,
+    pub login_max_failures: u32,
+    pub login_window_secs: u64,
+    pub hash_concurrency: usize,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("jwt_secret", &"***")
+            .field("access_ttl_secs", &self.access_ttl_secs)
+            .field("refresh_ttl_secs", &self.refresh_ttl_secs)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AdminConfig {
+    #[serde(deserialize_with = "string_or_list")]
+    pub usernames: Vec<String>,
+}
+
+/// `[rooms]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RoomsConfig {
+    pub idle_secs: u64,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LogConfig {
+    pub format: String,
+}
+
+fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
+    if v.is_empty() {
+        s.serialize_str("")
+    } else {
+        s.serialize_str("***")
+    }
+}
+
+/// Accepts `["a", "b"]` from TOML and `"a,b"` from the environment.
+fn string_or_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s
+            .split(',')
+            .map(|x| x.trim().to_owned())
+            .filter(|x| !x.is_empty())
+            .collect(),
+        Either::Many(v) => v,
+    })
+}
+
+/// A configuration that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Settings {
+    /// Defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::figment(file)
+            .extract()
+            .map_err(|e| ConfigError(e.to_string()))
+    }
+
+    /// The layered sources, for callers that add their own on top (tests).
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut f = Figment::from(Toml::string(DEFAULTS));
+        if let Some(p) = file {
+            f = f.merge(Toml::file_exact(p));
+        }
+        // Values like "127.0.0.1:9000" or "alice,bob" stay strings; figment
+        // would otherwise try to read "a,b" as an array only with brackets.
+        f.merge(Env::prefixed("CHAT__").split("__").lowercase(true))
+    }
+
+    /// The defaults alone, ignoring the environment (tests start from here).
+    pub fn defaults() -> Self {
+        Figment::from(Toml::string(DEFAULTS))
+            .extract()
+            .expect("the embedded config.toml is valid")
+    }
+
+    /// Directory that holds the store file and generated secrets.
+    pub fn data_dir(&self) -> PathBuf {
+        Path::new(&self.store.sqlite.path)
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_parse() {
+        let s = Settings::defaults();
+        assert_eq!(s.store.kind, "sqlite");
+        assert_eq!(s.limits.body_max, 4000);
+        assert!(s.admin.usernames.is_empty());
+    }
+
+    #[test]
+    fn env_overrides_and_lists() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CHAT__HTTP__LISTEN", "127.0.0.1:9000");
+            jail.set_env("CHAT__ADMIN__USERNAMES", "alice, bob");
+            jail.set_env("CHAT__STORE__SQLITE__PATH", "/tmp/x.db");
+            jail.set_env("CHAT__NODE__ID", "n1");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.http.listen, "127.0.0.1:9000");
+            assert_eq!(s.admin.usernames, vec!["alice", "bob"]);
+            assert_eq!(s.store.sqlite.path, "/tmp/x.db");
+            assert_eq!(s.node.id, "n1");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn file_layer_sits_between() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "extra.toml",
+                "[http]\nlisten = \"0.0.0.0:1\"\n[rooms]\nidle_secs = 7\n",
+            )?;
+            jail.set_env("CHAT__HTTP__LISTEN", "127.0.0.1:2");
+            let s = Settings::load(Some(Path::new("extra.toml"))).unwrap();
+            assert_eq!(s.http.listen, "127.0.0.1:2");
+            assert_eq!(s.rooms.idle_secs, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let mut s = Settings::defaults();
+        s.auth.jwt_secret = "hunter2hunter2".into();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!serde_json::to_string(&s).unwrap().contains("hunter2"));
+    }
+}
