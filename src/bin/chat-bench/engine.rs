@@ -151,6 +151,7 @@ pub struct EngineResult {
     pub drain_secs: f64,
     pub drained: bool,
     pub lost: u64,
+    pub missed_closed: u64,
     pub expected_deliveries: u64,
     pub client_cpu_pct: Option<f64>,
     pub server_cpu_pct: Option<f64>,
@@ -269,6 +270,7 @@ pub async fn run(plan: &Plan, dialers: &[Dialer], cfg: &RunCfg) -> Result<Engine
 
     // Exact loss: every acked message must be in every recipient's bit set.
     let mut lost = 0;
+    let mut missed_closed = 0;
     let mut expected_deliveries = 0;
     for (s, c) in conns.iter().enumerate() {
         let Some(sr) = &c.sender else { continue };
@@ -277,7 +279,14 @@ pub async fn run(plan: &Plan, dialers: &[Dialer], cfg: &RunCfg) -> Result<Engine
                 continue;
             }
             expected_deliveries += sr.acked;
-            lost += sr.acked_bits.missing_in(conns[r].recv.get(&(s as u32)));
+            let missing = sr.acked_bits.missing_in(conns[r].recv.get(&(s as u32)));
+            // A socket the server closed (e.g. 4008, too slow) would resync on
+            // reconnect; what it missed is counted apart from silent loss.
+            if conns[r].closed.is_some() {
+                missed_closed += missing;
+            } else {
+                lost += missing;
+            }
         }
     }
 
@@ -288,6 +297,7 @@ pub async fn run(plan: &Plan, dialers: &[Dialer], cfg: &RunCfg) -> Result<Engine
         drain_secs,
         drained,
         lost,
+        missed_closed,
         expected_deliveries,
         client_cpu_pct,
         server_cpu_pct,

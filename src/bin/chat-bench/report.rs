@@ -83,7 +83,12 @@ pub struct Report {
     pub unacked: u64,
     pub delivered: u64,
     pub expected_deliveries: u64,
+    /// Acked, never delivered, to a socket that stayed open: silent loss.
     pub lost: u64,
+    /// Acked, not delivered to a socket before the server closed it (a real client
+    /// would reconnect and sync them).
+    #[serde(default)]
+    pub missed_closed: u64,
     pub duplicates: u64,
     pub reordered: u64,
     pub self_echo: u64,
@@ -206,6 +211,15 @@ pub fn human(r: &Report) -> String {
                 r.lost, r.duplicates, r.reordered, r.self_echo
             ),
         );
+        if r.missed_closed > 0 {
+            line(
+                "missed by closed sockets",
+                format!(
+                    "{} (sockets the server closed; a client would resync)",
+                    r.missed_closed
+                ),
+            );
+        }
     }
     line(
         "errors",

@@ -166,6 +166,7 @@ async fn run_messages(args: &Args, target: &str) -> Result<Report> {
         register_s,
         connect_s: res.connect_secs,
         lost: res.lost,
+        missed_closed: res.missed_closed,
         expected_deliveries: res.expected_deliveries,
         client_cpu_pct: res.client_cpu_pct,
         server_cpu_pct: res.server_cpu_pct,

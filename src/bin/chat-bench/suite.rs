@@ -59,9 +59,9 @@ struct Server {
 }
 
 impl Server {
-    fn start(kind: &str, args: &Args, port: u16, log_dir: &Path) -> Result<Server> {
+    fn start(kind: &str, args: &Args, port: u16, log_dir: &Path, case: &str) -> Result<Server> {
         let listen = format!("127.0.0.1:{port}");
-        let log = log_dir.join(format!("{kind}.log"));
+        let log = log_dir.join(format!("{kind}-{case}.log"));
         let logf =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let mut tmp = None;
@@ -284,9 +284,6 @@ pub async fn run(args: &Args) -> Result<()> {
     };
     for server in &args.servers {
         eprintln!("=== {server} ===");
-        let port = free_port()?;
-        let mut srv = Server::start(server, args, port, &log_dir)?;
-        srv.wait_healthy().await?;
         let mut saturated = false;
         for case in cases(args, quick, nofile) {
             if case.sweep && saturated {
@@ -296,21 +293,29 @@ pub async fn run(args: &Args) -> Result<()> {
                 );
                 continue;
             }
-            if !srv.alive() {
-                bail!(
-                    "{server} died during the suite; log {}:\n{}",
-                    srv.log.display(),
-                    tail(&srv.log)
-                );
-            }
+            // A fresh server (and a fresh database) for every run: no run inherits
+            // another's heap, caches or data.
+            let port = free_port()?;
+            let mut srv = Server::start(server, args, port, &log_dir, &case.name)?;
+            srv.wait_healthy().await?;
             let mut a = case.args.clone();
             a.target = Some(srv.url.clone());
             a.server_pid = Some(srv.pid);
             a.label = Some(display_name(server).to_string());
             eprintln!("--- {server} {}", case.name);
-            match scenarios::run(&a).await {
+            let outcome = scenarios::run(&a).await;
+            let died = !srv.alive();
+            let log = srv.log.clone();
+            srv.stop().await;
+            match outcome {
                 Ok(mut r) => {
                     r.case = case.name.clone();
+                    if died {
+                        r.first_close = Some(format!(
+                            "run failed: {server} exited during the run (log {})",
+                            log.display()
+                        ));
+                    }
                     eprint!("{}", human(&r));
                     if case.sweep {
                         if let Some(rate) = r.offered_rate {
@@ -323,23 +328,27 @@ pub async fn run(args: &Args) -> Result<()> {
                     results.reports.push(r);
                 }
                 Err(e) => {
-                    eprintln!("--- {server} {} FAILED: {e:#}", case.name);
+                    let why = if died {
+                        format!(
+                            "{server} exited during the run: {e:#}; log {}:\n{}",
+                            log.display(),
+                            tail(&log)
+                        )
+                    } else {
+                        format!("{e:#}")
+                    };
+                    eprintln!("--- {server} {} FAILED: {why}", case.name);
                     results.reports.push(Report {
                         label: display_name(server).to_string(),
                         case: case.name.clone(),
                         scenario: a.scenario.name().into(),
-                        target: srv.url.clone(),
-                        first_close: Some(format!("run failed: {e:#}")),
+                        target: a.target.clone().unwrap_or_default(),
+                        first_close: Some(format!("run failed: {why}")),
                         ..Default::default()
                     });
                 }
             }
             write_json(&args.out_dir.join("results.json"), &results)?;
-        }
-        let died = !srv.alive();
-        srv.stop().await;
-        if died {
-            eprintln!("warning: {server} was not running at the end of its runs");
         }
     }
     finish(args, &results)
@@ -582,7 +591,14 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
                     .is_some_and(|s| s.starts_with("run failed"))
             })
             .count();
+        let missed: u64 = rs.iter().map(|x| x.missed_closed).sum();
         let mut s = num(lost as f64);
+        if missed > 0 {
+            s.push_str(&format!(
+                " (+{} missed by sockets the server closed)",
+                num(missed as f64)
+            ));
+        }
         if unacked > 0 {
             s.push_str(&format!(" ({unacked} unacked)"));
         }
@@ -711,7 +727,7 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
         };
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.label,
             x.case,
             delivered,
@@ -720,6 +736,7 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
             num(x.sent as f64),
             num(x.acked as f64),
             num(x.lost as f64),
+            num(x.missed_closed as f64),
             num(x.duplicates as f64),
             errs,
             pct(x.server_cpu_pct),
