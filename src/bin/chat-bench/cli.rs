@@ -152,3 +152,44 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     }
     Ok(Duration::from_secs_f64(secs))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn the_documented_command_line_parses() {
+        let a = Args::try_parse_from([
+            "chat-bench",
+            "--target",
+            "http://127.0.0.1:8080",
+            "--scenario",
+            "direct",
+            "--pairs",
+            "50",
+            "--duration",
+            "10s",
+            "--rate",
+            "20000",
+            "--json",
+            "--source-addrs",
+            "127.0.0.2,127.0.0.3",
+        ])
+        .unwrap();
+        assert_eq!(a.scenario, Scenario::Direct);
+        assert_eq!(a.pairs, 50);
+        assert_eq!(a.rate, Some(20000.0));
+        assert!(a.json);
+        assert_eq!(a.source_addrs.len(), 2);
+    }
+}

@@ -674,3 +674,50 @@ impl BitSet {
             .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_msg_id_round_trips() {
+        let s = format!("{:x}-{:x}-{:x}", 7u32, 123_456u64, 9_876_543_210u64);
+        assert_eq!(parse_cmid(&s), Some((7, 123_456, 9_876_543_210)));
+        assert_eq!(parse_cmid("7-1"), None);
+        assert_eq!(parse_cmid("7-1-2-3"), None);
+        assert_eq!(parse_cmid("someone-else's-id"), None);
+    }
+
+    #[test]
+    fn bitset_counts_what_is_missing() {
+        let mut acked = BitSet::default();
+        let mut got = BitSet::default();
+        for i in 0..200 {
+            assert!(!acked.test_set(i));
+        }
+        assert!(acked.test_set(5));
+        for i in (0..200).filter(|i| i % 3 != 0) {
+            got.test_set(i);
+        }
+        assert_eq!(acked.missing_in(Some(&got)), 67);
+        assert_eq!(acked.missing_in(None), 200);
+        assert!(got.get(1) && !got.get(3) && !got.get(10_000));
+    }
+
+    #[test]
+    fn frames_parse_without_copying_ids() {
+        let f: InFrame = serde_json::from_str(
+            r#"{"type":"message","id":"m1","room_id":"r1","seq":3,"sender_id":"u1","client_msg_id":"1-2-3","body":"hi \"there\"","created_at":"x"}"#,
+        )
+        .unwrap();
+        assert_eq!(&*f.ty, "message");
+        assert_eq!(f.seq, Some(3));
+        assert_eq!(f.client_msg_id.as_deref(), Some("1-2-3"));
+        let e: InFrame = serde_json::from_str(
+            r#"{"type":"error","code":"forbidden","message":"no","ref":"0-1-2"}"#,
+        )
+        .unwrap();
+        assert_eq!(e.code.as_deref(), Some("forbidden"));
+        assert_eq!(e.reference.as_deref(), Some("0-1-2"));
+    }
+}
