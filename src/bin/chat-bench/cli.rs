@@ -125,6 +125,13 @@ pub struct Args {
     pub markdown: PathBuf,
     #[arg(long, default_value = "BENCHMARKS.png")]
     pub chart: PathBuf,
+    /// Suite: before each run, wait until other processes use less than this much CPU
+    /// (percent of one core, measured over 2 s)...
+    #[arg(long, default_value_t = 25.0)]
+    pub quiet_below: f64,
+    /// ...but no longer than this (then run anyway; the report says how busy it was)
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub quiet_wait: Duration,
     /// Redraw the chart and table from a results.json written by --suite
     #[arg(long)]
     pub replot: Option<PathBuf>,

@@ -155,6 +155,7 @@ pub struct EngineResult {
     pub expected_deliveries: u64,
     pub client_cpu_pct: Option<f64>,
     pub server_cpu_pct: Option<f64>,
+    pub background_cpu_pct: Option<f64>,
 }
 
 pub async fn run(plan: &Plan, dialers: &[Dialer], cfg: &RunCfg) -> Result<EngineResult> {
@@ -239,10 +240,12 @@ pub async fn run(plan: &Plan, dialers: &[Dialer], cfg: &RunCfg) -> Result<Engine
     let server_cpu = cfg
         .server_pid
         .map(|p| crate::procfs::CpuMeter::start(Some(p)));
+    let background = crate::procfs::BackgroundMeter::start(cfg.server_pid);
     tokio::time::sleep(Duration::from_nanos(run_end.saturating_sub(shared.now()))).await;
     phase_tx.send_replace(Phase::Drain);
     let client_cpu_pct = client_cpu.percent();
     let server_cpu_pct = server_cpu.and_then(|m| m.percent());
+    let background_cpu_pct = background.percent();
 
     // Drain: wait (bounded) until every send is answered and every acked message
     // reached all its recipients.
@@ -301,6 +304,7 @@ pub async fn run(plan: &Plan, dialers: &[Dialer], cfg: &RunCfg) -> Result<Engine
         expected_deliveries,
         client_cpu_pct,
         server_cpu_pct,
+        background_cpu_pct,
     })
 }
 

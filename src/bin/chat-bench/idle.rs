@@ -89,10 +89,12 @@ pub async fn run(args: &Args, target: &str) -> Result<Report> {
 
     let server_cpu = crate::procfs::CpuMeter::start(args.server_pid);
     let client_cpu = crate::procfs::CpuMeter::start(None);
+    let background = crate::procfs::BackgroundMeter::start(args.server_pid);
     tokio::time::sleep(args.duration).await;
     let rss_end = args.server_pid.and_then(rss_kib);
     let server_cpu_pct = args.server_pid.and_then(|_| server_cpu.percent());
     let client_cpu_pct = client_cpu.percent();
+    let background_cpu_pct = background.percent();
     stop_tx.send_replace(true);
     for t in tasks {
         let _ = t.await;
@@ -117,6 +119,7 @@ pub async fn run(args: &Args, target: &str) -> Result<Report> {
         connect_s,
         client_cpu_pct,
         server_cpu_pct,
+        background_cpu_pct,
         closed_sockets: closed,
         idle: Some(IdleStats {
             connections: c,

@@ -71,3 +71,46 @@ pub fn nofile_limits() -> Option<(u64, u64)> {
     let f: Vec<&str> = l.split_whitespace().collect();
     Some((f.get(3)?.parse().ok()?, f.get(4)?.parse().ok()?))
 }
+
+/// Busy CPU time of the whole machine (all cores, /proc/stat), in seconds.
+pub fn machine_busy_secs() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/stat").ok()?;
+    let l = s.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<u64> = l
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy = f.first()? + f.get(1)? + f.get(2)? + f.get(5)? + f.get(6)? + f.get(7).unwrap_or(&0);
+    Some(busy as f64 / clock_ticks())
+}
+
+/// CPU that processes other than the bench and the server used meanwhile: the noise
+/// of a shared machine, in percent of one core.
+pub struct BackgroundMeter {
+    machine: Option<f64>,
+    client: CpuMeter,
+    server: Option<CpuMeter>,
+}
+
+impl BackgroundMeter {
+    pub fn start(server_pid: Option<u32>) -> Self {
+        BackgroundMeter {
+            machine: machine_busy_secs(),
+            client: CpuMeter::start(None),
+            server: server_pid.map(|p| CpuMeter::start(Some(p))),
+        }
+    }
+
+    pub fn percent(&self) -> Option<f64> {
+        let wall = self.client.t.elapsed().as_secs_f64().max(1e-9);
+        let machine = (machine_busy_secs()? - self.machine?) / wall * 100.0;
+        let ours = self.client.percent()?
+            + self
+                .server
+                .as_ref()
+                .and_then(|s| s.percent())
+                .unwrap_or(0.0);
+        Some((machine - ours).max(0.0))
+    }
+}

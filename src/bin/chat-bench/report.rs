@@ -102,6 +102,9 @@ pub struct Report {
     pub first_close: Option<String>,
     pub client_cpu_pct: Option<f64>,
     pub server_cpu_pct: Option<f64>,
+    /// CPU used by other processes on the machine during the run (noise).
+    #[serde(default)]
+    pub background_cpu_pct: Option<f64>,
     pub idle: Option<IdleStats>,
 }
 

@@ -170,6 +170,7 @@ async fn run_messages(args: &Args, target: &str) -> Result<Report> {
         expected_deliveries: res.expected_deliveries,
         client_cpu_pct: res.client_cpu_pct,
         server_cpu_pct: res.server_cpu_pct,
+        background_cpu_pct: res.background_cpu_pct,
         ..Default::default()
     };
     let mut sent_window = 0;

@@ -293,6 +293,7 @@ pub async fn run(args: &Args) -> Result<()> {
                 );
                 continue;
             }
+            wait_for_quiet(args).await;
             // A fresh server (and a fresh database) for every run: no run inherits
             // another's heap, caches or data.
             let port = free_port()?;
@@ -352,6 +353,24 @@ pub async fn run(args: &Args) -> Result<()> {
         }
     }
     finish(args, &results)
+}
+
+/// On a shared machine, wait (bounded) until other processes leave the CPU alone.
+async fn wait_for_quiet(args: &Args) {
+    let t = Instant::now();
+    loop {
+        let m = procfs::BackgroundMeter::start(None);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let busy = m.percent().unwrap_or(0.0);
+        if busy < args.quiet_below {
+            return;
+        }
+        if t.elapsed() >= args.quiet_wait {
+            eprintln!("    machine still busy ({busy:.0}% of a core used by other processes); running anyway");
+            return;
+        }
+        eprintln!("    waiting for a quiet machine ({busy:.0}% of a core used by other processes)");
+    }
 }
 
 /// A port that was free a moment ago (the server binds it right after).
@@ -727,7 +746,7 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
         };
         let _ = writeln!(
             o,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             x.label,
             x.case,
             delivered,
@@ -741,6 +760,7 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
             errs,
             pct(x.server_cpu_pct),
             pct(x.client_cpu_pct),
+            pct(x.background_cpu_pct),
         );
     }
     let _ = writeln!(o, "\n</details>\n");
