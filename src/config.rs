@@ -31,6 +31,7 @@ pub struct Settings {
 /// `[node]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct NodeConfig {
+    #[serde(deserialize_with = "string_like")]
     pub id: String,
     pub role: String,
 }
@@ -38,6 +39,7 @@ pub struct NodeConfig {
 /// `[http]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpConfig {
+    #[serde(deserialize_with = "string_like")]
     pub listen: String,
     pub max_body_bytes: usize,
 }
@@ -63,6 +65,7 @@ pub struct StoreConfig {
 /// `[store.sqlite]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SqliteConfig {
+    #[serde(deserialize_with = "string_like")]
     pub path: String,
     pub synchronous: String,
     pub max_batch: usize,
@@ -73,6 +76,7 @@ pub struct SqliteConfig {
 pub struct MongoConfig {
     #[serde(serialize_with = "redact")]
     pub uri: String,
+    #[serde(deserialize_with = "string_like")]
     pub database: String,
 }
 
@@ -94,7 +98,7 @@ pub struct RabbitConfig {
 /// `[auth]`.
 #[derive(Clone, Deserialize, Serialize)]
 pub struct AuthConfig {
-    #[serde(serialize_with = "redact")]
+    #[serde(serialize_with = "redact", deserialize_with = "string_like")]
     pub jwt_secret: String,
     pub access_ttl_secs: u64,
     pub refresh_ttl_secs: u64,
@@ -138,6 +142,27 @@ fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
     } else {
         s.serialize_str("***")
     }
+}
+
+/// Accepts a string, or a number or boolean as its text: environment
+/// values like `CHAT__NODE__ID=1` arrive typed.
+fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
 }
 
 /// Accepts `["a", "b"]` from TOML and `"a,b"` from the environment.
@@ -218,12 +243,14 @@ mod tests {
             jail.set_env("CHAT__HTTP__LISTEN", "127.0.0.1:9000");
             jail.set_env("CHAT__ADMIN__USERNAMES", "alice, bob");
             jail.set_env("CHAT__STORE__SQLITE__PATH", "/tmp/x.db");
-            jail.set_env("CHAT__NODE__ID", "n1");
+            jail.set_env("CHAT__NODE__ID", "1");
+            jail.set_env("CHAT__AUTH__JWT_SECRET", "123456");
             let s = Settings::load(None).unwrap();
             assert_eq!(s.http.listen, "127.0.0.1:9000");
             assert_eq!(s.admin.usernames, vec!["alice", "bob"]);
             assert_eq!(s.store.sqlite.path, "/tmp/x.db");
-            assert_eq!(s.node.id, "n1");
+            assert_eq!(s.node.id, "1");
+            assert_eq!(s.auth.jwt_secret, "123456");
             Ok(())
         });
     }
