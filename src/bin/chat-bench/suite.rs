@@ -282,11 +282,14 @@ pub async fn run(args: &Args) -> Result<()> {
         machine: machine(&args.profile),
         reports: Vec::new(),
     };
-    for server in &args.servers {
-        eprintln!("=== {server} ===");
-        let mut saturated = false;
-        for case in cases(args, quick, nofile) {
-            if case.sweep && saturated {
+    // Case by case, every server in turn: the servers see the same background load
+    // on a shared machine, rather than one of them getting all of a noisy period.
+    let mut saturated: BTreeMap<String, bool> = BTreeMap::new();
+    for case in cases(args, quick, nofile) {
+        eprintln!("=== {} ===", case.name);
+        for server in &args.servers {
+            let saturated = saturated.entry(server.clone()).or_default();
+            if case.sweep && *saturated {
                 eprintln!(
                     "--- {server} {}: skipped (saturated at a lower rate)",
                     case.name
@@ -322,7 +325,7 @@ pub async fn run(args: &Args) -> Result<()> {
                         if let Some(rate) = r.offered_rate {
                             // Past this point the server cannot take the offered load.
                             if r.delivered_per_sec < 0.8 * rate {
-                                saturated = true;
+                                *saturated = true;
                             }
                         }
                     }
