@@ -697,11 +697,11 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
     let _ = writeln!(o, "<details><summary>Every run</summary>\n");
     let _ = writeln!(
         o,
-        "| server | run | delivered/s | e2e p50 / p90 / p99 / max (ms) | ack p99 (ms) | sent | acked | lost | dup | errors | server CPU | client CPU |"
+        "| server | run | delivered/s | e2e p50 / p90 / p99 / max (ms) | ack p99 (ms) | sent | acked | lost | missed (closed) | dup | errors | server CPU | client CPU | other CPU |"
     );
     let _ = writeln!(
         o,
-        "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|"
     );
     for x in &r.reports {
         let e = x
