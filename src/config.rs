@@ -26,6 +26,7 @@ pub struct Settings {
     pub rooms: RoomsConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    pub notify: NotifyConfig,
 }
 
 /// `[node]`.
@@ -78,6 +79,12 @@ pub struct MongoConfig {
     pub uri: String,
     #[serde(deserialize_with = "string_like")]
     pub database: String,
+    /// `w`: "majority", a number of nodes, or a tag set name.
+    pub write_concern: String,
+    /// `j`: wait for the journal.
+    pub journal: bool,
+    /// `wtimeout` in ms; 0 waits forever.
+    pub write_timeout_ms: u64,
 }
 
 /// `[broker]`.
@@ -134,6 +141,63 @@ pub struct RoomsConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LogConfig {
     pub format: String,
+}
+
+/// `[notify]`: the notification pool (see docs/notifications.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NotifyConfig {
+    pub workers: usize,
+    pub online_window_secs: u64,
+    pub email_window_secs: u64,
+    pub preview: bool,
+    pub preview_chars: usize,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub max_retry_after_secs: u64,
+    pub requeue_delay_secs: u64,
+    pub give_up_after_secs: u64,
+    pub email_rate_per_sec: u32,
+    pub max_in_flight: usize,
+    pub fcm: FcmConfig,
+    pub smtp: SmtpConfig,
+}
+
+/// `[notify.fcm]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FcmConfig {
+    pub service_account_path: String,
+    pub project_id: String,
+    pub token_url: String,
+    pub base_url: String,
+    pub timeout_secs: u64,
+}
+
+/// `[notify.smtp]`.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: String,
+    pub username: String,
+    #[serde(serialize_with = "redact")]
+    pub password: String,
+    pub from: String,
+    pub pool_size: u32,
+    pub timeout_secs: u64,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &"***")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
 }
 
 fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
@@ -235,6 +299,11 @@ mod tests {
         assert_eq!(s.store.kind, "sqlite");
         assert_eq!(s.limits.body_max, 4000);
         assert!(s.admin.usernames.is_empty());
+        assert!(s.notify.smtp.host.is_empty());
+        assert_eq!(
+            s.notify.fcm.token_url,
+            "https://oauth2.googleapis.com/token"
+        );
     }
 
     #[test]
@@ -274,6 +343,7 @@ mod tests {
     fn secrets_do_not_print() {
         let mut s = Settings::defaults();
         s.auth.jwt_secret = "hunter2hunter2".into();
+        s.notify.smtp.password = "hunter2hunter2".into();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!serde_json::to_string(&s).unwrap().contains("hunter2"));
     }
