@@ -130,7 +130,7 @@ pub struct Args {
     #[arg(long, default_value_t = 25.0)]
     pub quiet_below: f64,
     /// ...but no longer than this (then run anyway; the report says how busy it was)
-    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     pub quiet_wait: Duration,
     /// Redraw the chart and table from a results.json written by --suite
     #[arg(long)]
