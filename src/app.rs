@@ -108,8 +108,12 @@ impl Application {
         let hub = self.state.hub.clone();
         let app = api::router(self.state);
         let stop = hub.shutdown.clone();
+        // Small frames must not wait ~40 ms for the peer's delayed ACK (Nagle).
+        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(
-            self.listener,
+            listener,
             app.into_make_service_with_connect_info::<SocketAddr>(),
         )
         .with_graceful_shutdown({

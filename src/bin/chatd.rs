@@ -38,9 +38,13 @@ async fn main() -> anyhow::Result<()> {
         return transfer(cmd, &settings).await;
     }
     chatd::telemetry::init_logs(settings.log.format == "json");
-    let app = chatd::Application::build(settings).await?;
-    app.run_until_stopped(shutdown_signal()).await?;
-    Ok(())
+    // Everything runs on the runtime's workers; the main thread only waits.
+    tokio::spawn(async move {
+        let app = chatd::Application::build(settings).await?;
+        app.run_until_stopped(shutdown_signal()).await?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await?
 }
 
 async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()> {
