@@ -44,6 +44,9 @@ pub enum SessionMsg {
     Disconnect,
     /// After a restart: resend catch-up to the adopted sockets.
     Resume,
+    /// Push what the store has beyond what this session pushed (across
+    /// nodes, a live copy can miss: directory not yet updated, broker outage).
+    Settle,
     /// State for the admin view.
     Inspect(RpcReplyPort<SessionInfo>),
 }
@@ -138,6 +141,14 @@ impl Actor for SessionActor {
                 if first {
                     st.announced_online = true;
                     announce(st, true, None).await;
+                    if st.hub.broker.kind() != "inprocess" {
+                        // Other nodes route to this one once they processed
+                        // the announcement; settle after that.
+                        let secs = st.hub.settings.cluster.heartbeat_secs.max(1);
+                        myself.send_after(std::time::Duration::from_secs(secs), || {
+                            SessionMsg::Settle
+                        });
+                    }
                 }
             }
             SessionMsg::Detach(id) => {
@@ -183,6 +194,7 @@ impl Actor for SessionActor {
                     s.close(CLOSE_KICKED, "disconnected by an operator");
                 }
             }
+            SessionMsg::Settle => settle(st).await,
             SessionMsg::Resume => {
                 let sockets = st.sockets.clone();
                 for (i, s) in sockets.iter().enumerate() {
@@ -313,6 +325,26 @@ async fn fill_gap(st: &mut SessionState, room_id: &RoomId, last: Seq, upto: Seq)
         }
         Err(e) => {
             tracing::warn!(error = %e, room = %room_id, "gap fill failed; clients resync by cursor")
+        }
+    }
+}
+
+async fn settle(st: &mut SessionState) {
+    if st.sockets.is_empty() {
+        return;
+    }
+    let Ok(cursors) = st.hub.stores.rooms.cursors_for_user(&st.user_id).await else {
+        return;
+    };
+    for c in cursors {
+        let last = st
+            .last_pushed
+            .get(&c.room_id)
+            .copied()
+            .unwrap_or(c.delivered_seq);
+        if c.last_seq > last {
+            fill_gap(st, &c.room_id, last, c.last_seq + 1).await;
+            st.last_pushed.insert(c.room_id, c.last_seq);
         }
     }
 }
