@@ -27,6 +27,8 @@ pub enum StartError {
     Secret(std::io::Error),
     #[error("actors: {0}")]
     Actors(String),
+    #[error(transparent)]
+    Notify(#[from] crate::notify::StartError),
 }
 
 /// A built node, bound and ready to serve.
@@ -62,20 +64,14 @@ impl Application {
             .map_err(StartError::Secret)?;
         let stores = crate::store::open(&settings.store).await?;
         let broker = crate::broker::open(&settings.broker, &node_id).await?;
-        let hub = Hub::new(
-            settings.clone(),
-            node_id,
-            addr.to_string(),
-            stores,
-            broker.clone(),
-        );
+        let hub = Hub::new(settings.clone(), node_id, addr.to_string(), stores, broker);
         let (root, root_handle) = root::start(hub.clone())
             .await
             .map_err(|e| StartError::Actors(e.to_string()))?;
         let _ = hub.root.set(root.get_cell());
         let mut background = Vec::new();
         if matches!(settings.node.role.as_str(), "all" | "notifier") {
-            background.push(crate::notify::drain(broker).await?);
+            background.push(crate::notify::start(hub.clone()).await?);
         }
         let auth = AuthService::new(&settings.auth, &secret);
         tracing::info!(node = %hub.node_id, %addr, store = hub.stores.health.backend(), broker = hub.broker.kind(), "chatd started");

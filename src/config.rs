@@ -27,11 +27,13 @@ pub struct Settings {
     pub rooms: RoomsConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    pub notify: NotifyConfig,
 }
 
 /// `[node]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct NodeConfig {
+    #[serde(deserialize_with = "string_like")]
     pub id: String,
     pub role: String,
 }
@@ -39,6 +41,7 @@ pub struct NodeConfig {
 /// `[http]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HttpConfig {
+    #[serde(deserialize_with = "string_like")]
     pub listen: String,
     pub max_body_bytes: usize,
 }
@@ -64,6 +67,7 @@ pub struct StoreConfig {
 /// `[store.sqlite]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SqliteConfig {
+    #[serde(deserialize_with = "string_like")]
     pub path: String,
     pub synchronous: String,
     pub max_batch: usize,
@@ -74,6 +78,7 @@ pub struct SqliteConfig {
 pub struct MongoConfig {
     #[serde(serialize_with = "redact")]
     pub uri: String,
+    #[serde(deserialize_with = "string_like")]
     pub database: String,
 }
 
@@ -105,7 +110,7 @@ pub struct ClusterConfig {
 /// `[auth]`.
 #[derive(Clone, Deserialize, Serialize)]
 pub struct AuthConfig {
-    #[serde(serialize_with = "redact")]
+    #[serde(serialize_with = "redact", deserialize_with = "string_like")]
     pub jwt_secret: String,
     pub access_ttl_secs: u64,
     pub refresh_ttl_secs: u64,
@@ -143,12 +148,90 @@ pub struct LogConfig {
     pub format: String,
 }
 
+/// `[notify]`: the notification pool (see docs/notifications.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct NotifyConfig {
+    pub workers: usize,
+    pub online_window_secs: u64,
+    pub email_window_secs: u64,
+    pub preview: bool,
+    pub preview_chars: usize,
+    pub max_attempts: u32,
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    pub max_retry_after_secs: u64,
+    pub requeue_delay_secs: u64,
+    pub give_up_after_secs: u64,
+    pub email_rate_per_sec: u32,
+    pub max_in_flight: usize,
+    pub fcm: FcmConfig,
+    pub smtp: SmtpConfig,
+}
+
+/// `[notify.fcm]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FcmConfig {
+    pub service_account_path: String,
+    pub project_id: String,
+    pub token_url: String,
+    pub base_url: String,
+    pub timeout_secs: u64,
+}
+
+/// `[notify.smtp]`.
+#[derive(Clone, Deserialize, Serialize)]
+pub struct SmtpConfig {
+    pub host: String,
+    pub port: u16,
+    pub tls: String,
+    pub username: String,
+    #[serde(serialize_with = "redact")]
+    pub password: String,
+    pub from: String,
+    pub pool_size: u32,
+    pub timeout_secs: u64,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &"***")
+            .field("from", &self.from)
+            .finish_non_exhaustive()
+    }
+}
+
 fn redact<S: serde::Serializer>(v: &str, s: S) -> Result<S::Ok, S::Error> {
     if v.is_empty() {
         s.serialize_str("")
     } else {
         s.serialize_str("***")
     }
+}
+
+/// Accepts a string, or a number or boolean as its text: environment
+/// values like `CHAT__NODE__ID=1` arrive typed.
+fn string_like<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        S(String),
+        I(i64),
+        U(u64),
+        F(f64),
+        B(bool),
+    }
+    Ok(match Scalar::deserialize(d)? {
+        Scalar::S(s) => s,
+        Scalar::I(i) => i.to_string(),
+        Scalar::U(u) => u.to_string(),
+        Scalar::F(f) => f.to_string(),
+        Scalar::B(b) => b.to_string(),
+    })
 }
 
 /// Accepts `["a", "b"]` from TOML and `"a,b"` from the environment.
@@ -221,6 +304,11 @@ mod tests {
         assert_eq!(s.store.kind, "sqlite");
         assert_eq!(s.limits.body_max, 4000);
         assert!(s.admin.usernames.is_empty());
+        assert!(s.notify.smtp.host.is_empty());
+        assert_eq!(
+            s.notify.fcm.token_url,
+            "https://oauth2.googleapis.com/token"
+        );
     }
 
     #[test]
@@ -229,12 +317,14 @@ mod tests {
             jail.set_env("CHAT__HTTP__LISTEN", "127.0.0.1:9000");
             jail.set_env("CHAT__ADMIN__USERNAMES", "alice, bob");
             jail.set_env("CHAT__STORE__SQLITE__PATH", "/tmp/x.db");
-            jail.set_env("CHAT__NODE__ID", "n1");
+            jail.set_env("CHAT__NODE__ID", "1");
+            jail.set_env("CHAT__AUTH__JWT_SECRET", "123456");
             let s = Settings::load(None).unwrap();
             assert_eq!(s.http.listen, "127.0.0.1:9000");
             assert_eq!(s.admin.usernames, vec!["alice", "bob"]);
             assert_eq!(s.store.sqlite.path, "/tmp/x.db");
-            assert_eq!(s.node.id, "n1");
+            assert_eq!(s.node.id, "1");
+            assert_eq!(s.auth.jwt_secret, "123456");
             Ok(())
         });
     }
@@ -258,6 +348,7 @@ mod tests {
     fn secrets_do_not_print() {
         let mut s = Settings::defaults();
         s.auth.jwt_secret = "hunter2hunter2".into();
+        s.notify.smtp.password = "hunter2hunter2".into();
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!serde_json::to_string(&s).unwrap().contains("hunter2"));
     }

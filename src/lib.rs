@@ -19,7 +19,8 @@
 //! - [`auth`]: argon2id, JWT access tokens, rotating refresh tokens, login limiter.
 //! - [`api`]: axum routers (`auth`, `users`, `rooms`, `ws`, `admin`, health)
 //!   and the one error type.
-//! - [`notify`]: the notification seam (FCM / SMTP senders come later).
+//! - [`notify`]: the notification pool (ractor factory keyed by user), its
+//!   policy (push when online, else a collapsed e-mail), FCM and SMTP senders.
 //! - [`telemetry`]: logs and the Prometheus recorder.
 //! - [`app`]: building, running and draining a node.
 

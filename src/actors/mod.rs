@@ -183,6 +183,15 @@ impl Directory {
         self.users.get(user).is_some_and(|n| !n.is_empty())
     }
 
+    /// Calls `f` for every node other than `own` that holds the user.
+    pub fn for_each_remote(&self, user: &UserId, own: &str, mut f: impl FnMut(&str)) {
+        if let Some(nodes) = self.users.get(user) {
+            for n in nodes.iter().filter(|n| n.as_str() != own) {
+                f(n);
+            }
+        }
+    }
+
     /// Nodes holding the user.
     pub fn nodes_of(&self, user: &UserId) -> Vec<String> {
         self.users
@@ -298,7 +307,10 @@ impl Hub {
     /// is the source of truth and clients recover by cursor.
     pub async fn publish(&self, route: Route, event: Event) {
         let env = Envelope::new(&self.node_id, event);
-        match self.broker.publish(route, env).await {
+        let started = std::time::Instant::now();
+        let r = self.broker.publish(route, env).await;
+        metrics::histogram!("chatd_broker_publish_seconds").record(started.elapsed().as_secs_f64());
+        match r {
             Ok(()) => {
                 self.broker_down.store(false, Ordering::Relaxed);
             }
@@ -389,12 +401,10 @@ impl Hub {
                 });
                 reached = true;
             }
-            for n in self.directory.nodes_of(u) {
-                if n != self.node_id {
-                    remote.entry(n).or_default().push(u.clone());
-                    reached = true;
-                }
-            }
+            self.directory.for_each_remote(u, &self.node_id, |n| {
+                remote.entry(n.to_owned()).or_default().push(u.clone());
+                reached = true;
+            });
             if !reached {
                 offline.push(u.clone());
             }

@@ -102,16 +102,33 @@ pub struct Audience {
     pub members: HashMap<UserId, Role>,
     /// (blocker, blocked) pairs among members.
     pub blocks: HashSet<(UserId, UserId)>,
+    /// Every member, for the common case of a room without blocks.
+    all: Vec<UserId>,
 }
 
 impl Audience {
+    /// An audience from members and the blocks among them.
+    pub fn new(members: HashMap<UserId, Role>, blocks: HashSet<(UserId, UserId)>) -> Self {
+        let all = members.keys().cloned().collect();
+        Self {
+            members,
+            blocks,
+            all,
+        }
+    }
+
     /// Members that should hear from `from` (not blocking it), `from` included.
-    pub fn hearing(&self, from: &UserId) -> Vec<UserId> {
-        self.members
-            .keys()
-            .filter(|m| !self.blocks.contains(&((*m).clone(), from.clone())))
-            .cloned()
-            .collect()
+    pub fn hearing(&self, from: &UserId) -> std::borrow::Cow<'_, [UserId]> {
+        if self.blocks.is_empty() || !self.blocks.iter().any(|(_, blocked)| blocked == from) {
+            return std::borrow::Cow::Borrowed(&self.all);
+        }
+        std::borrow::Cow::Owned(
+            self.all
+                .iter()
+                .filter(|m| !self.blocks.contains(&((*m).clone(), from.clone())))
+                .cloned()
+                .collect(),
+        )
     }
 }
 
@@ -129,6 +146,7 @@ pub struct RoomState {
 }
 
 struct Pending {
+    received: Instant,
     new: NewMessage,
     reply: Replier,
     audience: Arc<Audience>,
@@ -204,6 +222,7 @@ impl Actor for RoomActor {
                     return Ok(());
                 }
                 let pending = Pending {
+                    received: Instant::now(),
                     new: NewMessage {
                         room_id: st.room_id.clone(),
                         sender_id: sender,
@@ -237,8 +256,9 @@ impl Actor for RoomActor {
                     let to: Vec<UserId> = st
                         .audience
                         .hearing(&user)
-                        .into_iter()
-                        .filter(|u| u != &user)
+                        .iter()
+                        .filter(|u| *u != &user)
+                        .cloned()
                         .collect();
                     st.hub.deliver(&to, &st.room_id, None, None, &frame).await;
                 }
@@ -288,14 +308,13 @@ async fn load_audience(
     let pairs = hub.stores.users.blocks_among(&ids).await?;
     Ok((
         room.kind,
-        Audience {
-            members: room
-                .members
+        Audience::new(
+            room.members
                 .into_iter()
                 .map(|m| (m.user_id, m.role))
                 .collect(),
-            blocks: pairs.into_iter().collect(),
-        },
+            pairs.into_iter().collect(),
+        ),
     ))
 }
 
@@ -434,6 +453,7 @@ async fn finish(hub: &Hub, p: Pending, r: Result<Appended, StoreError>) {
     };
     let message: Message = appended.message.clone();
     let duplicate = appended.duplicate;
+    metrics::histogram!("chatd_ack_latency_seconds").record(p.received.elapsed().as_secs_f64());
     match p.reply {
         Replier::Socket(s) => {
             s.push(ack_frame(&message));

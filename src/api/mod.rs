@@ -102,6 +102,21 @@ impl FromRequestParts<AppState> for AdminUser {
     }
 }
 
+/// Counts HTTP responses by status class.
+async fn count_requests(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let resp = next.run(req).await;
+    let class = match resp.status().as_u16() {
+        100..=399 => "ok",
+        400..=499 => "client_error",
+        _ => "server_error",
+    };
+    metrics::counter!("chatd_http_responses_total", "class" => class).increment(1);
+    resp
+}
+
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
     let max_body = state.hub.settings.http.max_body_bytes;
@@ -118,10 +133,22 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(count_requests))
+        .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
         .layer(
             tower_http::trace::TraceLayer::new_for_http().make_span_with(
-                tower_http::trace::DefaultMakeSpan::new().level(tracing::Level::DEBUG),
+                |req: &axum::http::Request<axum::body::Body>| {
+                    let id = req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-");
+                    tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+                },
             ),
         )
+        .layer(tower_http::request_id::SetRequestIdLayer::x_request_id(
+            tower_http::request_id::MakeRequestUuid,
+        ))
         .with_state(state)
 }

@@ -82,13 +82,18 @@ fn is_alive(a: &ractor::ActorRef<SessionMsg>) -> bool {
 
 async fn run(st: AppState, user: AuthUser, socket: WebSocket) {
     let (handle, inbox) = SocketHandle::new(user.id.clone(), st.hub.settings.ws.outbound_queue);
-    let (sink, stream) = socket.split();
+    let (sink, mut stream) = socket.split();
     let writer = tokio::spawn(write_loop(sink, inbox));
     if let Err(e) = attach(&st, &handle).await {
         tracing::warn!(error = %e, "could not attach socket");
         handle.close(1011, "server busy; reconnect");
-    } else {
-        read_loop(&st, &user, &handle, stream).await;
+    } else if read_loop(&st, &user, &handle, &mut stream).await == End::Shutdown {
+        // Sends already accepted are stored and acked before the close.
+        let drained = tokio::time::timeout(Duration::from_secs(30), st.hub.pipelines.wait()).await;
+        if drained.is_err() {
+            tracing::warn!("pipelines did not drain before closing a socket");
+        }
+        handle.close(CLOSE_GOING_AWAY, "server shutting down");
     }
     // Tell the session (whichever actor holds the user now) and stop writing.
     if let Some(s) = st.hub.sessions.get(&user.id).map(|s| s.clone()) {
@@ -98,6 +103,13 @@ async fn run(st: AppState, user: AuthUser, socket: WebSocket) {
         handle.close(1000, "bye");
     }
     let _ = writer.await;
+    // Finish the closing handshake: read (and discard) until the client's
+    // Close, so unread client data does not turn our close into a reset
+    // that would destroy the frames we just flushed.
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
 }
 
 async fn write_loop(
@@ -141,27 +153,43 @@ async fn write_loop(
     }
 }
 
+/// Why the read loop ended.
+#[derive(PartialEq, Eq)]
+enum End {
+    Client,
+    Shutdown,
+}
+
 async fn read_loop(
     st: &AppState,
     user: &AuthUser,
     handle: &SocketHandle,
-    mut stream: futures_util::stream::SplitStream<WebSocket>,
-) {
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> End {
     let idle = Duration::from_secs(st.hub.settings.ws.idle_timeout_secs.max(5));
     loop {
         let next = tokio::select! {
-            _ = st.hub.shutdown.cancelled() => {
-                handle.close(CLOSE_GOING_AWAY, "server shutting down");
-                return;
-            }
+            _ = st.hub.shutdown.cancelled() => return End::Shutdown,
             n = tokio::time::timeout(idle, stream.next()) => n,
         };
         let msg = match next {
             Err(_) => {
                 handle.close(1001, "idle timeout");
-                return;
+                return End::Client;
             }
-            Ok(None) | Ok(Some(Err(_))) => return,
+            Ok(None) => return End::Client,
+            Ok(Some(Err(e))) => {
+                let too_big = e
+                    .into_inner()
+                    .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                    .is_some_and(|t| {
+                        matches!(t, tokio_tungstenite::tungstenite::Error::Capacity(_))
+                    });
+                if too_big {
+                    handle.close(1009, "frame too large");
+                }
+                return End::Client;
+            }
             Ok(Some(Ok(m))) => m,
         };
         match msg {
@@ -173,11 +201,11 @@ async fn read_loop(
                     None,
                 ));
             }
-            WsMessage::Close(_) => return,
+            WsMessage::Close(_) => return End::Client,
             WsMessage::Ping(_) | WsMessage::Pong(_) => {}
         }
         if handle.is_closed() {
-            return;
+            return End::Client;
         }
     }
 }

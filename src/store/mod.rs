@@ -278,7 +278,8 @@ pub trait RoomStore: Send + Sync {
     ) -> Result<Room, StoreError>;
     /// One room with members.
     async fn room(&self, id: &RoomId) -> Result<Option<Room>, StoreError>;
-    /// The rooms of a user with last message and unread count, newest activity first.
+    /// The rooms of a user with last message and unread count, newest
+    /// activity first. Messages of senders the user blocks count for neither.
     async fn rooms_for_user(&self, user: &UserId) -> Result<Vec<RoomSummary>, StoreError>;
     /// The user's cursors in every room it is in.
     async fn cursors_for_user(&self, user: &UserId) -> Result<Vec<RoomCursor>, StoreError>;

@@ -903,15 +903,19 @@ impl RoomStore for SqliteStore {
                 let Some(room) = load_room(c, &rid)? else { continue };
                 let last_message = c
                     .query_row(
-                        &format!("SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 ORDER BY seq DESC LIMIT 1"),
-                        [&rid],
+                        &format!(
+                            "SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND sender_id NOT IN
+                             (SELECT blocked_id FROM blocks WHERE blocker_id = ?2) ORDER BY seq DESC LIMIT 1"
+                        ),
+                        params![rid, user.as_str()],
                         row_message,
                     )
                     .optional()
                     .map_err(sql_err)?;
                 let unread: i64 = c
                     .query_row(
-                        "SELECT COUNT(*) FROM messages WHERE room_id = ?1 AND seq > ?2 AND sender_id != ?3",
+                        "SELECT COUNT(*) FROM messages WHERE room_id = ?1 AND seq > ?2 AND sender_id != ?3
+                         AND sender_id NOT IN (SELECT blocked_id FROM blocks WHERE blocker_id = ?3)",
                         params![rid, read_seq, user.as_str()],
                         |r| r.get(0),
                     )
