@@ -95,6 +95,7 @@ pub struct RabbitConfig {
     #[serde(serialize_with = "redact")]
     pub uri: String,
     pub prefetch: u16,
+    pub notify_prefetch: u16,
     pub prefix: String,
     pub queue_expires_secs: u64,
     pub confirm_timeout_ms: u64,

@@ -362,6 +362,28 @@ async fn broker_link_cut_and_restored_loses_nothing() -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_without_its_broker_becomes_ready_when_it_appears() -> Result<()> {
+    let proxy = CutProxy::start(amqp_host()).await?;
+    proxy.cut();
+    let mut c = Cluster::new();
+    c.spawn_node(Some(proxy.uri()));
+    let base = c.nodes[0].base();
+    c.poll_status(0, &format!("{base}/healthz"), 200, WAIT)
+        .await?;
+    c.poll_status(0, &format!("{base}/readyz"), 503, WAIT)
+        .await?;
+    proxy.restore();
+    c.wait_ready(0).await?;
+    // It is a working node: a user can connect and send.
+    let u = c.register(0, "solo").await?;
+    let v = c.register(0, "peer").await?;
+    let room = direct_room(&c.http, &base, &u, &v).await?;
+    let cu = Client::connect(&addr(&c, 0), &u).await?;
+    cu.send_acked(&room, "one", "hello").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_connections_mid_traffic_loses_nothing() -> Result<()> {
     if std::process::Command::new("rabbitmqctl")
         .arg("-q")

@@ -18,8 +18,10 @@
 //! Bodies are the JSON [`Envelope`] (with its version `v`). Every publish is
 //! `mandatory` and waits for its publisher confirm; a confirm that carries a
 //! returned message means "not routed" ([`BrokerError::Unroutable`]).
-//! Consumers use manual acks and a bounded prefetch; a delivery is acked by
-//! its [`Delivery`] once the caller handled it.
+//! Consumers use manual acks and a bounded prefetch (`prefetch` for the
+//! node queue, `notify_prefetch` for the notification queue, whose jobs stay
+//! unacked while an e-mail window is open); a delivery is acked by its
+//! [`Delivery`] once the caller handled it.
 //!
 //! One supervision task owns the connection: it connects, declares the
 //! topology, starts the registered consumers, watches for errors, and on any
@@ -39,7 +41,7 @@ use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeclareOptions, QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
@@ -114,6 +116,7 @@ struct Inner {
     names: Names,
     uri: AMQPUri,
     prefetch: u16,
+    notify_prefetch: u16,
     queue_expires_ms: u32,
     confirm_timeout: Duration,
     /// The publishing channel of the current connection.
@@ -127,6 +130,15 @@ struct Inner {
     registrations: AtomicU64,
     ctl: mpsc::UnboundedSender<Ctl>,
     stop: CancellationToken,
+}
+
+impl Inner {
+    fn prefetch_of(&self, kind: QueueKind) -> u16 {
+        match kind {
+            QueueKind::Node => self.prefetch,
+            QueueKind::Notify => self.notify_prefetch,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -172,6 +184,7 @@ impl RabbitMq {
             names: Names::new(&cfg.prefix),
             uri,
             prefetch: cfg.prefetch.max(1),
+            notify_prefetch: cfg.notify_prefetch.max(1),
             queue_expires_ms: u32::try_from(cfg.queue_expires_secs.max(1).saturating_mul(1000))
                 .unwrap_or(u32::MAX),
             confirm_timeout: Duration::from_millis(cfg.confirm_timeout_ms.max(100)),
@@ -288,7 +301,7 @@ impl Broker for RabbitMq {
         };
         // The channel holds at most one prefetch window: the broker does not
         // send more until some are acked, so this never blocks for long.
-        let (tx, rx) = mpsc::channel(usize::from(self.inner.prefetch));
+        let (tx, rx) = mpsc::channel(usize::from(self.inner.prefetch_of(kind)));
         // A second call replaces the first consumer (a restarted bridge).
         let reg = self.inner.registrations.fetch_add(1, Ordering::AcqRel) + 1;
         self.inner
@@ -542,6 +555,16 @@ async fn run_connection(
     let setup = async {
         let ch = conn.create_channel().await?;
         declare(inner, &ch).await?;
+        if inner.epoch.load(Ordering::Acquire) == 0 {
+            // A new process: what waits in a queue of the same node id was
+            // meant for a previous incarnation (its sessions are gone; the
+            // store has the messages), and stale presence would mislead.
+            ch.queue_purge(
+                inner.names.node_queue(&inner.node_id).as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await?;
+        }
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
         Ok::<_, lapin::Error>(ch)
     };
@@ -695,7 +718,7 @@ async fn start_consumer(
         QueueKind::Notify => inner.names.notify_queue.clone(),
     };
     let ch = conn.create_channel().await?;
-    ch.basic_qos(inner.prefetch, BasicQosOptions::default())
+    ch.basic_qos(inner.prefetch_of(kind), BasicQosOptions::default())
         .await?;
     let mut consumer = ch
         .basic_consume(
