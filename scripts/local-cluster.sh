@@ -85,8 +85,11 @@ start() {
     local n=0 servers=""
     for port in $NODE_PORTS; do
         n=$((n + 1))
-        local id="node$n"
+        local id="node$n" role=chat
+        # One node runs the notification pool (one e-mail digest per user).
+        [[ $n == 1 ]] && role=all
         CHAT__NODE__ID=$id \
+        CHAT__NODE__ROLE=$role \
         CHAT__HTTP__LISTEN=127.0.0.1:$port \
         CHAT__STORE__KIND=sqlite \
         CHAT__STORE__SQLITE__PATH=$CLUSTER_DIR/chatd.db \
