@@ -38,7 +38,7 @@ log() { echo "local-cluster: $*" >&2; }
 wait_http() { # url seconds
     local url=$1 tries=$(($2 * 10))
     for ((i = 0; i < tries; i++)); do
-        if curl -fsS -o /dev/null --max-time 1 "$url"; then return 0; fi
+        if curl -fs -o /dev/null --max-time 1 "$url"; then return 0; fi
         sleep 0.1
     done
     log "$url did not answer 200"
@@ -179,11 +179,11 @@ status() {
         local state=down
         kill -0 "$pid" 2>/dev/null && state=running
         local ready=no
-        curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$port/readyz" && ready=yes
+        curl -fs -o /dev/null --max-time 1 "http://127.0.0.1:$port/readyz" && ready=yes
         echo "$id port=$port pid=$pid $state ready=$ready"
     done <"$CLUSTER_DIR/nodes"
     local lb=no
-    curl -fsS -o /dev/null --max-time 1 "http://127.0.0.1:$LB_PORT/readyz" && lb=yes
+    curl -fs -o /dev/null --max-time 1 "http://127.0.0.1:$LB_PORT/readyz" && lb=yes
     echo "nginx port=$LB_PORT ready=$lb"
 }
 

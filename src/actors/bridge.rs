@@ -172,6 +172,26 @@ async fn presence_changed(
 }
 
 async fn handle(hub: &Arc<Hub>, d: Delivery) {
+    let from = &d.envelope.from;
+    if from != &hub.node_id
+        && !matches!(d.envelope.event, Event::NodeLeft { .. })
+        && !hub.nodes.contains_key(from)
+    {
+        // A node heard of before its first heartbeat (its presence events
+        // fill the directory): track it now, so that it times out if it
+        // dies before that heartbeat.
+        hub.nodes.insert(
+            from.clone(),
+            NodeInfo {
+                id: from.clone(),
+                address: String::new(),
+                started_at: String::new(),
+                last_heartbeat: now_rfc3339(),
+                sessions: 0,
+                rooms: 0,
+            },
+        );
+    }
     match &d.envelope.event {
         Event::Deliver {
             users,

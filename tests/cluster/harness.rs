@@ -31,12 +31,17 @@ pub fn rand_id(len: usize) -> String {
     uuid::Uuid::new_v4().simple().to_string()[..len].to_owned()
 }
 
-/// A free loopback port (bound then released).
+/// A free loopback port for a server to bind later. It is taken below the
+/// kernel's ephemeral range (32768 and up here), where outgoing connections
+/// of every process would otherwise grab it in between.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    for _ in 0..1000 {
+        let port = 15_000 + (rand::random::<u16>() % 17_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port");
 }
 
 /// Heartbeat and node timeout the test nodes run with (seconds).
@@ -73,6 +78,8 @@ pub struct Cluster {
     pub http: reqwest::Client,
     /// Node ids ever started (their queues are deleted at the end).
     started: Vec<String>,
+    /// `cluster.node_timeout_secs` of nodes started from now on.
+    pub node_timeout_secs: u64,
 }
 
 impl Cluster {
@@ -89,6 +96,7 @@ impl Cluster {
                 .build()
                 .expect("http client"),
             started: Vec::new(),
+            node_timeout_secs: NODE_TIMEOUT_SECS,
         }
     }
 
@@ -141,7 +149,7 @@ impl Cluster {
             .env("CHAT__CLUSTER__HEARTBEAT_SECS", HEARTBEAT_SECS.to_string())
             .env(
                 "CHAT__CLUSTER__NODE_TIMEOUT_SECS",
-                NODE_TIMEOUT_SECS.to_string(),
+                self.node_timeout_secs.to_string(),
             )
             .env("CHAT__AUTH__JWT_SECRET", &self.secret)
             .env("CHAT__AUTH__HASH_CONCURRENCY", "4")
@@ -423,6 +431,7 @@ pub struct Client {
     frames: Arc<Mutex<Vec<Value>>>,
     seen: watch::Receiver<usize>,
     closed: watch::Receiver<bool>,
+    answered: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Client {
@@ -449,10 +458,15 @@ impl Client {
             }
         });
         let f = frames.clone();
+        let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = answered.clone();
         tokio::spawn(async move {
             while let Some(Ok(m)) = stream.next().await {
                 if let WsMessage::Text(t) = m {
                     if let Ok(v) = serde_json::from_str::<Value>(t.as_str()) {
+                        if v["type"] == "ack" || v["type"] == "error" {
+                            counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         let n = {
                             let mut g = f.lock().unwrap();
                             g.push(v);
@@ -460,7 +474,11 @@ impl Client {
                         };
                         let _ = seen_tx.send(n);
                     }
-                } else if let WsMessage::Close(_) = m {
+                } else if let WsMessage::Close(frame) = m {
+                    let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                    f.lock()
+                        .unwrap()
+                        .push(json!({"type": "_closed", "code": code}));
                     break;
                 }
             }
@@ -473,6 +491,7 @@ impl Client {
             frames,
             seen,
             closed,
+            answered,
         };
         c.ready = c
             .wait_for(Duration::from_secs(15), |f| f["type"] == "ready")
@@ -582,6 +601,37 @@ impl Client {
             .collect()
     }
 
+    /// Acks and errors received so far.
+    pub fn answered(&self) -> usize {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends `n` messages `{tag}{i}` as fast as the server answers, with at
+    /// most `window` unanswered; stops when the socket closes. Returns how
+    /// many were sent (see [`Client::acks`] for what was acked).
+    pub async fn send_window(&self, room: &str, tag: &str, n: usize, window: usize) -> usize {
+        let base = self.answered();
+        let mut seen = self.seen.clone();
+        for i in 0..n {
+            while i - (self.answered() - base).min(i) >= window {
+                if self.is_closed() {
+                    return i;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), seen.changed()).await;
+            }
+            if self.is_closed() {
+                return i;
+            }
+            self.say(room, &format!("{tag}{i}"), &format!("{tag} number {i}"));
+        }
+        // Wait for the last answers (or the end of the socket).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.answered() - base < n && !self.is_closed() && Instant::now() < deadline {
+            let _ = tokio::time::timeout(Duration::from_millis(200), seen.changed()).await;
+        }
+        n
+    }
+
     /// Sends a message and waits for its ack; returns the ack.
     pub async fn send_acked(&self, room: &str, cmid: &str, body: &str) -> Result<Value> {
         self.say(room, cmid, body);
@@ -597,6 +647,144 @@ impl Client {
                 Err(anyhow!("send refused: {f}"))
             }
         })
+    }
+}
+
+/// A user who keeps chatting like a real client: sends `n` messages
+/// `{tag}{i}` with at most `window` unanswered, and when the socket closes
+/// (slow-consumer 4008, a dead node) reconnects to the first address that
+/// answers and resends what was not acked (resends are idempotent by
+/// `client_msg_id`).
+pub struct Chatter {
+    pub user: User,
+    pub room: String,
+    pub tag: String,
+    pub addrs: Mutex<Vec<String>>,
+    pub clients: Mutex<Vec<Arc<Client>>>,
+}
+
+impl Chatter {
+    /// A chatter that connects to `addrs` in order of preference.
+    pub fn new(user: &User, room: &str, tag: &str, addrs: Vec<String>) -> Arc<Chatter> {
+        Arc::new(Chatter {
+            user: user.clone(),
+            room: room.to_owned(),
+            tag: tag.to_owned(),
+            addrs: Mutex::new(addrs),
+            clients: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Every socket so far.
+    pub fn all(&self) -> Vec<Arc<Client>> {
+        self.clients.lock().unwrap().clone()
+    }
+
+    /// Acks and errors over all sockets.
+    pub fn answered(&self) -> usize {
+        self.all().iter().map(|c| c.answered()).sum()
+    }
+
+    /// Acked client_msg_ids → message ids, over all sockets.
+    pub fn acked(&self) -> HashMap<String, String> {
+        let mut out = HashMap::new();
+        for c in self.all() {
+            for (cmid, a) in c.acks() {
+                if let Some(id) = a["message_id"].as_str() {
+                    out.insert(cmid, id.to_owned());
+                }
+            }
+        }
+        out
+    }
+
+    /// Ids of `room`'s messages received over all sockets.
+    pub fn received(&self) -> HashSet<String> {
+        let mut out = HashSet::new();
+        for c in self.all() {
+            out.extend(c.message_ids(&self.room));
+        }
+        out
+    }
+
+    /// Connects to the first address that answers.
+    pub async fn connect(&self) -> Result<Arc<Client>> {
+        let addrs = self.addrs.lock().unwrap().clone();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            for a in &addrs {
+                if let Ok(c) = Client::connect(a, &self.user).await {
+                    let c = Arc::new(c);
+                    self.clients.lock().unwrap().push(c.clone());
+                    return Ok(c);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{} could not reconnect to {addrs:?}", self.user.username);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Sends everything, reconnecting as needed; returns how many were acked.
+    pub async fn run(self: Arc<Self>, n: usize, window: usize) -> Result<usize> {
+        loop {
+            let acked = self.acked();
+            let todo: Vec<usize> = (0..n)
+                .filter(|i| !acked.contains_key(&format!("{}{i}", self.tag)))
+                .collect();
+            if todo.is_empty() {
+                return Ok(n);
+            }
+            let current = self.all().last().cloned();
+            let client = match current {
+                Some(c) if !c.is_closed() => c,
+                _ => self.connect().await?,
+            };
+            client
+                .send_indices(&self.room, &self.tag, &todo, window)
+                .await;
+            if !client.is_closed() {
+                // Everything answered: refusals would loop, so stop here.
+                return Ok(self.acked().len());
+            }
+        }
+    }
+}
+
+impl Client {
+    /// Like [`Client::send_window`] for the given message numbers.
+    pub async fn send_indices(&self, room: &str, tag: &str, indices: &[usize], window: usize) {
+        let base = self.answered();
+        let mut seen = self.seen.clone();
+        for (k, i) in indices.iter().enumerate() {
+            while k - (self.answered() - base).min(k) >= window {
+                if self.is_closed() {
+                    return;
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(200), seen.changed()).await;
+            }
+            if self.is_closed() {
+                return;
+            }
+            self.say(room, &format!("{tag}{i}"), &format!("{tag} number {i}"));
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.answered() - base < indices.len()
+            && !self.is_closed()
+            && Instant::now() < deadline
+        {
+            let _ = tokio::time::timeout(Duration::from_millis(200), seen.changed()).await;
+        }
+    }
+
+    /// Close codes the server sent.
+    pub fn close_codes(&self) -> Vec<u64> {
+        self.frames()
+            .iter()
+            .filter(|f| f["type"] == "_closed")
+            .filter_map(|f| f["code"].as_u64())
+            .collect()
     }
 }
 
