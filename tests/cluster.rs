@@ -401,6 +401,9 @@ async fn a_short_broker_outage_is_healed_by_the_resync() -> Result<()> {
     let a = Arc::new(Client::connect(&addr(&c, 0), &alice).await?);
     let b = Client::connect(&addr(&c, 1), &bob).await?;
     a.wait_for(WAIT, |f| is_presence(f, &bob, true)).await?;
+    // Sessions settle once, a heartbeat after they start; let that pass so
+    // that it cannot stand in for the resync under test.
+    tokio::time::sleep(Duration::from_secs(2 * HEARTBEAT_SECS)).await;
 
     proxy.cut();
     let ready_a = format!("{}/readyz", c.nodes[0].base());
