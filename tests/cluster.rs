@@ -797,16 +797,3 @@ async fn wait_ok(http: &reqwest::Client, url: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-
-/// host:port of the test broker, for the proxy.
-fn amqp_host() -> String {
-    let uri = amqp_uri();
-    let rest = uri.split("://").nth(1).unwrap_or("127.0.0.1:5672");
-    let hostport = rest.split('/').next().unwrap_or(rest);
-    let hostport = hostport.rsplit('@').next().unwrap_or(hostport);
-    if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:5672")
-    }
-}

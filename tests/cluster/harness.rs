@@ -26,6 +26,19 @@ pub fn amqp_uri() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// `host:port` of the test broker.
+pub fn amqp_host() -> String {
+    let uri = amqp_uri();
+    let rest = uri.split("://").nth(1).unwrap_or("127.0.0.1:5672");
+    let hostport = rest.split('/').next().unwrap_or(rest);
+    let hostport = hostport.rsplit('@').next().unwrap_or(hostport);
+    if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5672")
+    }
+}
+
 /// A random lowercase suffix.
 pub fn rand_id(len: usize) -> String {
     uuid::Uuid::new_v4().simple().to_string()[..len].to_owned()
@@ -83,9 +96,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// An empty cluster with a fresh store and prefix.
+    /// An empty cluster with a fresh store and prefix. Panics with a clear
+    /// message when the test broker is not reachable (the tests never pass
+    /// without it).
     pub fn new() -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let host = amqp_host();
+        let reachable = std::net::ToSocketAddrs::to_socket_addrs(host.as_str())
+            .ok()
+            .and_then(|mut a| a.next())
+            .is_some_and(|a| {
+                std::net::TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok()
+            });
+        assert!(
+            reachable,
+            "RabbitMQ is not reachable at {host}: start it (`rabbitmq-server -detached`; \
+             scripts/test.sh does) or point CHAT_TEST_AMQP_URI at one"
+        );
         Self {
             dir: tempfile::tempdir().expect("tempdir"),
             prefix: format!("chatd-test-{}", rand_id(10)),
