@@ -33,14 +33,18 @@ if ! port_open 5672 && command -v rabbitmq-server >/dev/null; then
   wait_port 5672 RabbitMQ || true
 fi
 
-# MongoDB wire protocol (store contract on the mongodb backend).
-if [ -z "${CHAT_TEST_MONGODB_URI:-}" ] && [ -x scripts/start-secantus.sh ]; then
-  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  uri=$(scripts/start-secantus.sh "$port")
-  secantus_pid=$(cat "$root/.venv/secantus-$port.pid" 2>/dev/null || true)
+# MongoDB wire protocol (the MongoDB backend runs the store contract, the
+# transfer round trip and its fault tests): SecantusDB from PyPI in .venv,
+# unless CHAT_TEST_MONGODB_URI already points at a real MongoDB. Once it is
+# started here, the MongoDB tests are required (they fail, never skip).
+if [ -z "${CHAT_TEST_MONGODB_URI:-}" ]; then
+  export SECANTUS_PID_FILE="${TMPDIR:-/tmp}/chatd-test-secantus-$$.pid"
+  uri=$(scripts/start-secantus.sh 0)
+  secantus_pid=$(cat "$SECANTUS_PID_FILE")
   export CHAT_TEST_MONGODB_URI="$uri"
   log "MongoDB wire server at $uri"
 fi
+export CHAT_REQUIRE_MONGODB=1
 
 # npm packages for browser / Socket.IO tests.
 for d in tests/browser tests/socketio bench/node-relay; do

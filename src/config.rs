@@ -80,6 +80,12 @@ pub struct MongoConfig {
     pub uri: String,
     #[serde(deserialize_with = "string_like")]
     pub database: String,
+    /// `w`: "majority", a number of nodes, or a tag set name.
+    pub write_concern: String,
+    /// `j`: wait for the journal.
+    pub journal: bool,
+    /// `wtimeout` in ms; 0 waits forever.
+    pub write_timeout_ms: u64,
 }
 
 /// `[broker]`.

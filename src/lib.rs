@@ -9,8 +9,9 @@
 //! - [`config`]: layered settings (`config.toml`, `--config FILE`,
 //!   `CHAT__SECTION__KEY`).
 //! - [`store`]: async traits per aggregate (users, auth, rooms, messages),
-//!   the SQLite backend with group commit, and the contract suite every
-//!   backend passes.
+//!   the SQLite backend with group commit, the MongoDB backend
+//!   (transactions), export/import between them, and the contract suite
+//!   every backend passes.
 //! - [`broker`]: the bus between nodes (one trait; in-process and RabbitMQ
 //!   backends).
 //! - [`actors`]: the ractor tree: root supervisor, session supervisor with a

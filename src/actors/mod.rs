@@ -139,6 +139,11 @@ impl SocketHandle {
         self.close.token.cancel();
     }
 
+    /// Resolves once the server decided to close this socket.
+    pub async fn closing(&self) {
+        self.close.token.cancelled().await;
+    }
+
     /// The socket task has ended or is closing.
     pub fn is_closed(&self) -> bool {
         self.tx.is_closed() || self.close.token.is_cancelled()
@@ -254,7 +259,7 @@ pub struct Hub {
 }
 
 /// One node as seen in the cluster view.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NodeInfo {
     pub id: String,
     pub address: String,

@@ -86,12 +86,13 @@ pub enum RoomMsg {
 }
 
 /// The admin view of a room actor.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct RoomInfo {
     pub room_id: RoomId,
     pub kind: RoomKind,
     pub members: Vec<UserId>,
     pub online_members: Vec<UserId>,
+    #[schema(value_type = i64, minimum = 0)]
     pub last_seq: Seq,
     pub cursors: Vec<crate::store::Member>,
     pub pipeline_queued: usize,

@@ -52,7 +52,7 @@ pub enum SessionMsg {
 }
 
 /// The admin view of a session actor.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub node: String,
     pub user_id: UserId,
@@ -62,7 +62,7 @@ pub struct SessionInfo {
 }
 
 /// One socket in the admin view.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct DeviceInfo {
     pub session_id: SessionId,
     pub connected_at: String,

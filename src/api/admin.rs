@@ -2,12 +2,13 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
-use axum::Router;
 use ractor::ActorCell;
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{AdminUser, ApiResult, AppState, Error, Json, Path};
+use super::{AdminUser, ApiResult, AppState, Error, ErrorBody, Json, Path};
 use crate::actors::room::RoomInfo;
 use crate::actors::session::{SessionInfo, SessionMsg};
 use crate::actors::{NodeInfo, CALL_TIMEOUT};
@@ -15,22 +16,30 @@ use crate::broker::{Event, Route};
 use crate::domain::{RoomId, UserId};
 
 /// Admin routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/cluster", get(cluster))
-        .route("/actors", get(actors))
-        .route("/actors/{id}/stop", post(stop_actor))
-        .route("/sessions/{user_id}", get(sessions))
-        .route("/sessions/{user_id}/disconnect", post(disconnect))
-        .route("/rooms/{room_id}", get(room))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(cluster))
+        .routes(routes!(actors))
+        .routes(routes!(stop_actor))
+        .routes(routes!(sessions))
+        .routes(routes!(disconnect))
+        .routes(routes!(room))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Cluster {
+    /// The node that answered.
     node_id: String,
     nodes: Vec<NodeInfo>,
 }
 
+/// The nodes of the cluster with their session and room counts.
+#[utoipa::path(get, path = "/cluster", tag = "admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the cluster", body = Cluster),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin", body = ErrorBody),
+    ))]
 async fn cluster(State(st): State<AppState>, _a: AdminUser) -> Json<Cluster> {
     let hub = &st.hub;
     let mut nodes: Vec<NodeInfo> = hub.nodes.iter().map(|n| n.value().clone()).collect();
@@ -56,7 +65,7 @@ async fn cluster(State(st): State<AppState>, _a: AdminUser) -> Json<Cluster> {
 }
 
 /// One actor in the supervision tree.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ActorNode {
     pub id: String,
     pub name: Option<String>,
@@ -66,6 +75,7 @@ pub struct ActorNode {
     pub mailbox_len: Option<usize>,
     /// What the actor serves: a user id, a room id.
     pub subject: Option<String>,
+    #[schema(no_recursion)]
     pub children: Vec<ActorNode>,
 }
 
@@ -115,6 +125,14 @@ fn root(st: &AppState) -> ApiResult<ActorCell> {
         .ok_or_else(|| Error::Unavailable("actor tree not started".into()))
 }
 
+/// This node's supervision tree, from the root supervisor down.
+#[utoipa::path(get, path = "/actors", tag = "admin", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the root actor with its children", body = ActorNode),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the tree is not started", body = ErrorBody),
+    ))]
 async fn actors(State(st): State<AppState>, _a: AdminUser) -> ApiResult<Json<ActorNode>> {
     Ok(Json(describe(&st, &root(&st)?)))
 }
@@ -126,6 +144,16 @@ fn find(cell: &ActorCell, id: &str) -> Option<ActorCell> {
     cell.get_children().iter().find_map(|c| find(c, id))
 }
 
+/// Stops one actor of this node; its supervisor restarts it.
+#[utoipa::path(post, path = "/actors/{id}/stop", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path, description = "actor id from GET /admin/v1/actors")),
+    responses(
+        (status = 204, description = "stop requested"),
+        (status = 400, description = "`invalid_request`: the root supervisor", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such actor", body = ErrorBody),
+    ))]
 async fn stop_actor(
     State(st): State<AppState>,
     _a: AdminUser,
@@ -143,7 +171,7 @@ async fn stop_actor(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Sessions {
     user_id: UserId,
     sessions: Vec<SessionInfo>,
@@ -151,6 +179,15 @@ struct Sessions {
     unreachable_nodes: Vec<String>,
 }
 
+/// A user's session actors across the cluster.
+#[utoipa::path(get, path = "/sessions/{user_id}", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = String, Path, description = "user id")),
+    responses(
+        (status = 200, description = "the sessions; nodes that did not answer are listed", body = Sessions),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin", body = ErrorBody),
+        (status = 404, description = "`not_found`: malformed user id", body = ErrorBody),
+    ))]
 async fn sessions(
     State(st): State<AppState>,
     _a: AdminUser,
@@ -182,6 +219,15 @@ async fn sessions(
     }))
 }
 
+/// Closes every socket of the user on every node.
+#[utoipa::path(post, path = "/sessions/{user_id}/disconnect", tag = "admin", security(("bearer" = [])),
+    params(("user_id" = String, Path, description = "user id")),
+    responses(
+        (status = 204, description = "the user's sockets close"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin", body = ErrorBody),
+        (status = 404, description = "`not_found`: malformed user id", body = ErrorBody),
+    ))]
 async fn disconnect(
     State(st): State<AppState>,
     _a: AdminUser,
@@ -198,6 +244,16 @@ async fn disconnect(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// The state of a room actor on this node.
+#[utoipa::path(get, path = "/rooms/{room_id}", tag = "admin", security(("bearer" = [])),
+    params(("room_id" = String, Path, description = "room id")),
+    responses(
+        (status = 200, description = "the room actor's state", body = RoomInfo),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not an admin", body = ErrorBody),
+        (status = 404, description = "`not_found`: no active actor for the room on this node", body = ErrorBody),
+        (status = 503, description = "`unavailable`: the actor did not answer", body = ErrorBody),
+    ))]
 async fn room(
     State(st): State<AppState>,
     _a: AdminUser,

@@ -4,25 +4,26 @@ use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::Router;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{ApiResult, AppState, Error, Json};
+use super::{ApiResult, AppState, Error, ErrorBody, Json};
 use crate::auth::AuthUser;
 use crate::domain::{DisplayName, Email, Password, Username};
 use crate::store::{NewRefreshToken, NewUser, RotateOutcome, User};
 
 /// Routes under `/api/v1/auth`.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/auth/register", post(register))
-        .route("/auth/login", post(login))
-        .route("/auth/refresh", post(refresh))
-        .route("/auth/logout", post(logout))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(login))
+        .routes(routes!(refresh))
+        .routes(routes!(logout))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RegisterBody {
     username: String,
     email: String,
@@ -32,11 +33,12 @@ struct RegisterBody {
 }
 
 /// The answer of register, login and refresh.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct Session {
     pub user: User,
     pub access_token: String,
     pub refresh_token: String,
+    /// Seconds until the access token expires.
     pub expires_in: u64,
 }
 
@@ -61,6 +63,15 @@ async fn issue(st: &AppState, user: User, family: Option<String>) -> ApiResult<S
     })
 }
 
+/// Creates an account and logs it in.
+#[utoipa::path(post, path = "/auth/register", tag = "auth",
+    request_body = RegisterBody,
+    responses(
+        (status = 201, description = "registered and logged in", body = Session),
+        (status = 400, description = "`invalid_request`, `invalid_username`, `invalid_email`, `invalid_password`, `invalid_display_name`", body = ErrorBody),
+        (status = 409, description = "`username_taken` or `email_taken`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn register(
     State(st): State<AppState>,
@@ -94,12 +105,23 @@ async fn register(
     Ok((StatusCode::CREATED, Json(issue(&st, user, None).await?)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct LoginBody {
+    /// Username or e-mail.
     login: String,
     password: String,
 }
 
+/// Logs in with username or e-mail and password.
+#[utoipa::path(post, path = "/auth/login", tag = "auth",
+    request_body = LoginBody,
+    responses(
+        (status = 200, description = "logged in", body = Session),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_credentials`, alike for an unknown user and a wrong password", body = ErrorBody),
+        (status = 429, description = "`rate_limited`: too many failed attempts", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "seconds to wait"))),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn login(
     State(st): State<AppState>,
@@ -130,11 +152,19 @@ async fn login(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct RefreshBody {
     refresh_token: String,
 }
 
+/// Trades a refresh token for a new pair; the old refresh token stops working.
+#[utoipa::path(post, path = "/auth/refresh", tag = "auth",
+    request_body = RefreshBody,
+    responses(
+        (status = 200, description = "a new token pair", body = Session),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_refresh_token`: unknown, expired or already used (reuse revokes the login)", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn refresh(
     State(st): State<AppState>,
@@ -176,6 +206,15 @@ async fn refresh(
     }
 }
 
+/// Ends the login that the refresh token belongs to.
+#[utoipa::path(post, path = "/auth/logout", tag = "auth",
+    request_body = RefreshBody,
+    security(("bearer" = [])),
+    responses(
+        (status = 204, description = "logged out"),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`: missing or invalid access token", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn logout(
     State(st): State<AppState>,

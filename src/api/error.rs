@@ -5,10 +5,30 @@
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::domain::ParseError;
 use crate::store::StoreError;
+
+/// The body of every HTTP error: `{"error": {"code", "message"}}`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    /// A stable snake_case code: `invalid_request` (or a specific 400 code
+    /// such as `invalid_username`, `body_too_long`), `unauthorized`,
+    /// `invalid_credentials`, `forbidden`, `not_found`, `method_not_allowed`,
+    /// `username_taken`, `email_taken`, `conflict`, `payload_too_large`,
+    /// `rate_limited`, `unavailable`, `internal`.
+    #[schema(example = "not_found")]
+    pub code: &'static str,
+    /// Human readable; never a stack trace.
+    pub message: String,
+}
 
 /// An API failure.
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +111,9 @@ impl IntoResponse for Error {
         };
         let mut resp = (
             status,
-            axum::Json(json!({"error": {"code": code, "message": message}})),
+            axum::Json(ErrorBody {
+                error: ErrorDetail { code, message },
+            }),
         )
             .into_response();
         if let Error::RateLimited(secs) = self {

@@ -4,24 +4,35 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::Router;
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{AppState, Error, Json};
+use super::{AppState, Error, ErrorBody, Json};
 
 /// Health routes.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
 }
 
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "alive", body = serde_json::Value,
+        example = json!({"status": "ok"}))))]
 async fn healthz() -> Json<serde_json::Value> {
     Json(json!({"status": "ok"}))
 }
 
+/// The store and the broker are reachable.
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "ready", body = serde_json::Value,
+            example = json!({"status": "ready", "node_id": "node-1", "store": "sqlite", "broker": "inprocess"})),
+        (status = 503, description = "`unavailable`: store or broker not reachable", body = ErrorBody),
+    ))]
 async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
     let store = st.hub.stores.health.ping().await;
     let broker = st.hub.broker.is_ready();
@@ -39,6 +50,13 @@ async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, E
     })))
 }
 
+/// Prometheus metrics of this node.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses(
+        (status = 200, description = "Prometheus text exposition format", body = String,
+            content_type = "text/plain; version=0.0.4"),
+        (status = 503, description = "`unavailable`: no metrics recorder", body = ErrorBody),
+    ))]
 async fn metrics() -> impl IntoResponse {
     match crate::telemetry::render_metrics() {
         Some(text) => (

@@ -1,23 +1,34 @@
 //! HTTP and WebSocket surface: one axum router per area, one [`Error`]
 //! type, extractors that turn every malformed input into the contract's
 //! error envelope.
+//!
+//! Every route is registered through `utoipa_axum`'s `OpenApiRouter` with
+//! `routes!` on handlers carrying `#[utoipa::path]`, so the OpenAPI document
+//! ([`openapi`], served at `GET /api/openapi.json`) is built from the same
+//! registration as the router and cannot drift from it.
 
 pub mod admin;
 pub mod auth;
 pub mod error;
 pub mod health;
 pub mod rooms;
+pub mod socketio;
 pub mod users;
 pub mod web;
 pub mod ws;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::request::Parts;
+use axum::response::IntoResponse;
 use axum::Router;
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-pub use error::{ApiResult, Error};
+pub use error::{ApiResult, Error, ErrorBody, ErrorDetail};
 
 use crate::actors::Hub;
 use crate::auth::{AuthService, AuthUser};
@@ -117,21 +128,95 @@ async fn count_requests(
     resp
 }
 
-/// The whole application router.
-pub fn router(state: AppState) -> Router {
-    let max_body = state.hub.settings.http.max_body_bytes;
-    let api = Router::new()
+/// The top of the OpenAPI document; paths come from the routers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "chatd",
+        description = "HTTP API of chatd. Errors are `{\"error\": {\"code\", \"message\"}}` (ErrorBody). \
+            The WebSocket frames of `GET /ws` are described in docs/protocol.md."
+    ),
+    modifiers(&SecuritySchemes),
+    components(schemas(ErrorBody)),
+    tags(
+        (name = "auth", description = "accounts and tokens"),
+        (name = "users", description = "profiles, search, push devices, notification settings, blocks"),
+        (name = "rooms", description = "direct and group rooms, members, history, sends"),
+        (name = "admin", description = "live actors and cluster (admin role only)"),
+        (name = "socket", description = "the WebSocket upgrade"),
+        (name = "health", description = "liveness, readiness, Prometheus metrics"),
+        (name = "web", description = "the built-in chat page (/) and admin page (/admin)"),
+        (name = "meta", description = "this document"),
+    )
+)]
+struct ApiDoc;
+
+/// `bearer`: `Authorization: Bearer <access_token>`; `access_token`: the
+/// same token as a query parameter (only on `/ws`, for browsers).
+struct SecuritySchemes;
+
+impl utoipa::Modify for SecuritySchemes {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let c = doc.components.get_or_insert_with(Default::default);
+        c.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .build(),
+            ),
+        );
+        c.add_security_scheme(
+            "access_token",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("access_token"))),
+        );
+    }
+}
+
+/// Every route of chatd with its OpenAPI description (state is attached by [`router`]).
+pub fn routes() -> OpenApiRouter<AppState> {
+    let api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(users::router())
         .merge(rooms::router());
-    Router::new()
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .nest("/admin/v1", admin::router())
         .merge(ws::router())
         .merge(health::router())
         .merge(web::router())
+        .routes(routes!(openapi_json))
+}
+
+/// The OpenAPI 3 document of the whole HTTP API.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().into_openapi()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/api/openapi.json", tag = "meta",
+    responses((status = 200, description = "the OpenAPI document of this API", body = serde_json::Value)))]
+async fn openapi_json() -> Result<impl IntoResponse, Error> {
+    static DOC: OnceLock<Result<String, String>> = OnceLock::new();
+    let doc = DOC
+        .get_or_init(|| openapi().to_pretty_json().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::Internal(format!("OpenAPI document: {e}")))?;
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        doc.as_str(),
+    ))
+}
+
+/// The whole application router.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.hub.settings.http.max_body_bytes;
+    let (routes, _) = routes().split_for_parts();
+    routes
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(socketio::layer(state.clone()))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())

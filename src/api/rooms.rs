@@ -5,33 +5,34 @@ use std::collections::HashSet;
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{delete, get, post};
-use axum::Router;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{ApiResult, AppState, Error, Json, Path, Query};
+use super::{ApiResult, AppState, Error, ErrorBody, Json, Path, Query};
 use crate::actors::room::{Replier, RoomMsg};
 use crate::auth::AuthUser;
 use crate::domain::{ClientMsgId, MessageBody, RoomId, RoomName, UserId};
 use crate::store::{HistoryQuery, Message, Role, Room, RoomKind, RoomSummary};
 
 /// Routes under `/api/v1/rooms`.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/rooms", post(create).get(list))
-        .route("/rooms/{id}", get(show))
-        .route("/rooms/{id}/members", post(add_member))
-        .route("/rooms/{id}/members/{user_id}", delete(remove_member))
-        .route("/rooms/{id}/messages", get(history).post(send))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(show))
+        .routes(routes!(add_member))
+        .routes(routes!(remove_member))
+        .routes(routes!(history, send))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 enum CreateBody {
-    Direct {
-        peer: String,
-    },
+    /// The direct room with `peer` (a user id).
+    Direct { peer: String },
+    /// A group named `name`; `members` are user ids besides the caller (the owner).
     Group {
         name: String,
         #[serde(default)]
@@ -66,6 +67,16 @@ async fn member_room(st: &AppState, id: &str, user: &UserId) -> ApiResult<Room> 
     Ok(room)
 }
 
+/// Creates a room; a direct room between the same two users is returned again.
+#[utoipa::path(post, path = "/rooms", tag = "rooms", security(("bearer" = [])),
+    request_body = CreateBody,
+    responses(
+        (status = 201, description = "created", body = Room),
+        (status = 200, description = "the existing direct room of the two users", body = Room),
+        (status = 400, description = "`invalid_request`, `invalid_peer`, `invalid_user_id`, `invalid_room_name`, `too_many_members`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: the peer or a member does not exist", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn create(
     State(st): State<AppState>,
@@ -132,17 +143,32 @@ async fn create(
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Rooms {
     rooms: Vec<RoomSummary>,
 }
 
+/// The caller's rooms with last message and unread count, newest activity first.
+#[utoipa::path(get, path = "/rooms", tag = "rooms", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the caller's rooms", body = Rooms),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn list(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Rooms>> {
     Ok(Json(Rooms {
         rooms: st.hub.stores.rooms.rooms_for_user(&user.id).await?,
     }))
 }
 
+/// One room with its members and their cursors (members only).
+#[utoipa::path(get, path = "/rooms/{id}", tag = "rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = "room id")),
+    responses(
+        (status = 200, description = "the room", body = Room),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not a member", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    ))]
 async fn show(
     State(st): State<AppState>,
     user: AuthUser,
@@ -151,7 +177,7 @@ async fn show(
     Ok(Json(member_room(&st, &id, &user.id).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct AddMember {
     user_id: String,
 }
@@ -161,6 +187,17 @@ fn can_manage(room: &Room, user: &UserId) -> bool {
         .is_some_and(|m| matches!(m.role, Role::Owner | Role::Admin))
 }
 
+/// Adds a member to a group room (owner or admin of the room).
+#[utoipa::path(post, path = "/rooms/{id}/members", tag = "rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = "room id")),
+    request_body = AddMember,
+    responses(
+        (status = 204, description = "added (or already a member)"),
+        (status = 400, description = "`not_a_group`, `invalid_user_id`, `too_many_members`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not a member, or not owner/admin", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such room or user", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn add_member(
     State(st): State<AppState>,
@@ -203,6 +240,20 @@ async fn add_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Removes a member from a group room: anyone may leave; the owner or an
+/// admin may remove others, but not the owner.
+#[utoipa::path(delete, path = "/rooms/{id}/members/{user_id}", tag = "rooms", security(("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "room id"),
+        ("user_id" = String, Path, description = "the member to remove"),
+    ),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 400, description = "`not_a_group`, `invalid_user_id`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such room, or not a member", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn remove_member(
     State(st): State<AppState>,
@@ -231,14 +282,18 @@ async fn remove_member(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct HistoryParams {
+    /// Only messages with `seq` below this.
     before: Option<i64>,
+    /// Only messages with `seq` above this.
     after: Option<i64>,
+    /// At most this many (1–100, default 50).
     limit: Option<u32>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Messages {
     messages: Vec<Message>,
 }
@@ -262,6 +317,17 @@ pub async fn visible(st: &AppState, user: &UserId, msgs: Vec<Message>) -> ApiRes
         .collect())
 }
 
+/// A slice of a room's history in ascending `seq` (members only; senders
+/// the caller blocks are left out).
+#[utoipa::path(get, path = "/rooms/{id}/messages", tag = "rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = "room id"), HistoryParams),
+    responses(
+        (status = 200, description = "messages in ascending seq", body = Messages),
+        (status = 400, description = "`invalid_limit`, `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not a member", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+    ))]
 async fn history(
     State(st): State<AppState>,
     user: AuthUser,
@@ -297,12 +363,25 @@ async fn history(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct SendBody {
     client_msg_id: String,
     body: String,
 }
 
+/// Sends a message, like a socket `send`; resending a `client_msg_id`
+/// returns the stored message and stores nothing new.
+#[utoipa::path(post, path = "/rooms/{id}/messages", tag = "rooms", security(("bearer" = [])),
+    params(("id" = String, Path, description = "room id")),
+    request_body = SendBody,
+    responses(
+        (status = 201, description = "stored durably", body = Message),
+        (status = 400, description = "`invalid_body`, `body_too_long`, `invalid_client_msg_id`, `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 403, description = "`forbidden`: not a member", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: retry with the same `client_msg_id`", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn send(
     State(st): State<AppState>,

@@ -2,41 +2,38 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, put};
-use axum::Router;
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{ApiResult, AppState, Error, Json, Path, Query};
+use super::{ApiResult, AppState, Error, ErrorBody, Json, Path, Query};
 use crate::auth::AuthUser;
 use crate::domain::UserId;
 use crate::store::{NotificationSettings, User};
 
 /// Routes under `/api/v1/users`.
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/users", get(search))
-        .route("/users/me", get(me))
-        .route("/users/{id}", get(profile))
-        .route("/users/me/devices", put(put_device))
-        .route(
-            "/users/me/devices/{token}",
-            axum::routing::delete(delete_device),
-        )
-        .route(
-            "/users/me/notification-settings",
-            put(put_settings).get(get_settings),
-        )
-        .route("/users/me/blocks", get(list_blocks))
-        .route("/users/me/blocks/{user_id}", put(block).delete(unblock))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(search))
+        .routes(routes!(me))
+        .routes(routes!(profile))
+        .routes(routes!(put_device))
+        .routes(routes!(delete_device))
+        .routes(routes!(put_settings, get_settings))
+        .routes(routes!(list_blocks))
+        .routes(routes!(block, unblock))
 }
 
 /// What others see of a user.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct PublicProfile {
     pub id: UserId,
     pub username: String,
     pub display_name: Option<String>,
     pub online: bool,
+    /// When the user's last socket closed.
+    #[schema(format = DateTime)]
     pub last_seen: Option<String>,
 }
 
@@ -54,11 +51,17 @@ impl PublicProfile {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Users {
     users: Vec<PublicProfile>,
 }
 
+/// The caller's own account.
+#[utoipa::path(get, path = "/users/me", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the caller", body = User),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn me(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<User>> {
     let u = st
         .hub
@@ -74,6 +77,14 @@ fn parse_user_id(s: &str) -> ApiResult<UserId> {
     UserId::parse(s).map_err(|_| Error::NotFound("no such user".into()))
 }
 
+/// A user's public profile with presence.
+#[utoipa::path(get, path = "/users/{id}", tag = "users", security(("bearer" = [])),
+    params(("id" = String, Path, description = "user id")),
+    responses(
+        (status = 200, description = "the profile", body = PublicProfile),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such user", body = ErrorBody),
+    ))]
 async fn profile(
     State(st): State<AppState>,
     _user: AuthUser,
@@ -90,14 +101,25 @@ async fn profile(
     Ok(Json(PublicProfile::of(&st, u)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct SearchQuery {
+    /// Username prefix (required).
     #[serde(default)]
     q: String,
+    /// At most this many (1–50, default 20).
     #[serde(default)]
     limit: Option<u32>,
 }
 
+/// Users whose username starts with `q`.
+#[utoipa::path(get, path = "/users", tag = "users", security(("bearer" = [])),
+    params(SearchQuery),
+    responses(
+        (status = 200, description = "matching users, by username", body = Users),
+        (status = 400, description = "`invalid_request`: `q` missing", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn search(
     State(st): State<AppState>,
     _user: AuthUser,
@@ -120,12 +142,23 @@ async fn search(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct DeviceBody {
+    /// `android`, `ios` or `web`.
+    #[schema(example = "android")]
     platform: String,
+    /// The FCM registration token.
     token: String,
 }
 
+/// Registers a push token (FCM) for the caller.
+#[utoipa::path(put, path = "/users/me/devices", tag = "users", security(("bearer" = [])),
+    request_body = DeviceBody,
+    responses(
+        (status = 204, description = "registered"),
+        (status = 400, description = "`invalid_platform`, `invalid_token`, `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn put_device(
     State(st): State<AppState>,
     user: AuthUser,
@@ -152,6 +185,13 @@ async fn put_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Removes one of the caller's push tokens.
+#[utoipa::path(delete, path = "/users/me/devices/{token}", tag = "users", security(("bearer" = [])),
+    params(("token" = String, Path, description = "the push token")),
+    responses(
+        (status = 204, description = "removed (or was not there)"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn delete_device(
     State(st): State<AppState>,
     user: AuthUser,
@@ -161,6 +201,14 @@ async fn delete_device(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Replaces the caller's notification switches.
+#[utoipa::path(put, path = "/users/me/notification-settings", tag = "users", security(("bearer" = [])),
+    request_body = NotificationSettings,
+    responses(
+        (status = 200, description = "the new settings", body = NotificationSettings),
+        (status = 400, description = "`invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn put_settings(
     State(st): State<AppState>,
     user: AuthUser,
@@ -174,6 +222,12 @@ async fn put_settings(
     Ok(Json(b))
 }
 
+/// The caller's notification switches.
+#[utoipa::path(get, path = "/users/me/notification-settings", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the settings", body = NotificationSettings),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn get_settings(
     State(st): State<AppState>,
     user: AuthUser,
@@ -183,6 +237,12 @@ async fn get_settings(
     ))
 }
 
+/// The users the caller blocks.
+#[utoipa::path(get, path = "/users/me/blocks", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "blocked users", body = Users),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
 async fn list_blocks(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Users>> {
     let ids = st.hub.stores.users.blocked_by(&user.id).await?;
     let mut users = Vec::with_capacity(ids.len());
@@ -194,6 +254,15 @@ async fn list_blocks(State(st): State<AppState>, user: AuthUser) -> ApiResult<Js
     Ok(Json(Users { users }))
 }
 
+/// Blocks a user: nothing of theirs reaches the caller any more.
+#[utoipa::path(put, path = "/users/me/blocks/{user_id}", tag = "users", security(("bearer" = [])),
+    params(("user_id" = String, Path, description = "the user to block")),
+    responses(
+        (status = 204, description = "blocked (idempotent)"),
+        (status = 400, description = "`cannot_block_self`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such user", body = ErrorBody),
+    ))]
 async fn block(
     State(st): State<AppState>,
     user: AuthUser,
@@ -214,6 +283,14 @@ async fn block(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Lifts a block.
+#[utoipa::path(delete, path = "/users/me/blocks/{user_id}", tag = "users", security(("bearer" = [])),
+    params(("user_id" = String, Path, description = "the blocked user")),
+    responses(
+        (status = 204, description = "unblocked (idempotent)"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+        (status = 404, description = "`not_found`: malformed user id", body = ErrorBody),
+    ))]
 async fn unblock(
     State(st): State<AppState>,
     user: AuthUser,

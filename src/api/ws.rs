@@ -9,24 +9,34 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket, WebSocketUp
 use axum::extract::State;
 use axum::http::request::Parts;
 use axum::response::Response;
-use axum::routing::get;
-use axum::Router;
 use futures_util::{SinkExt, StreamExt};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
-use super::{AppState, Error};
+use super::{AppState, Error, ErrorBody};
 use crate::actors::room::{Replier, RoomMsg};
 use crate::actors::session::SessionMsg;
 use crate::actors::{ActorError, SocketHandle, SocketInbox, CALL_TIMEOUT, CLOSE_GOING_AWAY};
 use crate::auth::AuthUser;
 use crate::domain::{ClientMsgId, MessageBody, ParseError, RoomId};
-use crate::protocol::{error_frame, message_frame, ClientFrame, ServerFrame};
+use crate::protocol::{error_frame, message_frame, ClientFrame, Frame, ServerFrame};
 use crate::store::{CursorKind, HistoryQuery};
 
 /// The socket route.
-pub fn router() -> Router<AppState> {
-    Router::new().route("/ws", get(upgrade))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(upgrade))
 }
 
+/// Opens the WebSocket; frames are described in docs/protocol.md.
+#[utoipa::path(get, path = "/ws", tag = "socket",
+    params(("access_token" = Option<String>, Query,
+        description = "the access token, for browsers that cannot set `Authorization`")),
+    security(("bearer" = []), ("access_token" = [])),
+    responses(
+        (status = 101, description = "switched to the WebSocket protocol; the first frame is `ready`"),
+        (status = 400, description = "not a WebSocket upgrade request (plain text)", body = String),
+        (status = 401, description = "`unauthorized`: missing, invalid or expired token", body = ErrorBody),
+    ))]
 #[tracing::instrument(skip_all)]
 async fn upgrade(
     State(st): State<AppState>,
@@ -48,7 +58,7 @@ async fn upgrade(
         .on_upgrade(move |socket| run(st, user, socket)))
 }
 
-async fn attach(st: &AppState, handle: &SocketHandle) -> Result<(), ActorError> {
+pub(crate) async fn attach(st: &AppState, handle: &SocketHandle) -> Result<(), ActorError> {
     // A session that is just stopping drops the request: retry on a new one.
     for _ in 0..3 {
         let s = st.hub.session(&handle.user_id).await?;
@@ -170,6 +180,9 @@ async fn read_loop(
     loop {
         let next = tokio::select! {
             _ = st.hub.shutdown.cancelled() => return End::Shutdown,
+            // The server closed it (operator, slow consumer): stop reading
+            // now rather than at the idle timeout.
+            _ = handle.closing() => return End::Client,
             n = tokio::time::timeout(idle, stream.next()) => n,
         };
         let msg = match next {
@@ -215,36 +228,51 @@ fn parse_error(handle: &SocketHandle, e: ParseError, reference: Option<&str>) {
 }
 
 async fn on_text(st: &AppState, user: &AuthUser, handle: &SocketHandle, text: &str) {
-    let frame: ClientFrame = match serde_json::from_str(text) {
-        Ok(f) => f,
+    match serde_json::from_str::<ClientFrame>(text) {
+        Ok(frame) => on_frame(st, user, handle, frame).await,
         Err(e) => {
-            // Say which frame it was if we can tell.
             let v: Option<serde_json::Value> = serde_json::from_str(text).ok();
-            let reference = v.as_ref().and_then(|v| {
-                v.get("client_msg_id")
-                    .and_then(|c| c.as_str())
-                    .or_else(|| v.get("type").and_then(|t| t.as_str()))
-                    .map(str::to_owned)
-            });
-            let (code, message) = match &v {
-                None => ("invalid_request", "frame is not valid JSON".to_owned()),
-                Some(v) if !v.get("type").is_some_and(|t| t.is_string()) => {
-                    ("invalid_request", "frame has no \"type\"".to_owned())
-                }
-                Some(v)
-                    if !matches!(
-                        v["type"].as_str(),
-                        Some("send" | "delivered" | "read" | "typing" | "sync" | "ping")
-                    ) =>
-                {
-                    ("unknown_type", format!("unknown frame type {}", v["type"]))
-                }
-                Some(_) => ("invalid_request", format!("invalid frame: {e}")),
-            };
-            handle.push(error_frame(code, &message, reference.as_deref()));
-            return;
+            handle.push(invalid_frame(v.as_ref(), &e));
         }
+    }
+}
+
+/// The `error` frame for a client frame that did not parse as a
+/// [`ClientFrame`]; `v` is the frame as JSON, if it was JSON at all. It
+/// says which frame it was if we can tell (`ref`).
+pub(crate) fn invalid_frame(v: Option<&serde_json::Value>, e: &serde_json::Error) -> Frame {
+    let reference = v.and_then(|v| {
+        v.get("client_msg_id")
+            .and_then(|c| c.as_str())
+            .or_else(|| v.get("type").and_then(|t| t.as_str()))
+    });
+    let (code, message) = match v {
+        None => ("invalid_request", "frame is not valid JSON".to_owned()),
+        Some(v) if !v.get("type").is_some_and(|t| t.is_string()) => {
+            ("invalid_request", "frame has no \"type\"".to_owned())
+        }
+        Some(v)
+            if !matches!(
+                v["type"].as_str(),
+                Some("send" | "delivered" | "read" | "typing" | "sync" | "ping")
+            ) =>
+        {
+            ("unknown_type", format!("unknown frame type {}", v["type"]))
+        }
+        Some(_) => ("invalid_request", format!("invalid frame: {e}")),
     };
+    error_frame(code, &message, reference)
+}
+
+/// Handles one parsed client frame (shared by `/ws` and Socket.IO):
+/// routes it to the room actors; answers (`ack`, `error`, `pong`, `sync`
+/// results) go to the socket's queue.
+pub(crate) async fn on_frame(
+    st: &AppState,
+    user: &AuthUser,
+    handle: &SocketHandle,
+    frame: ClientFrame,
+) {
     let limits = &st.hub.settings.limits;
     match frame {
         ClientFrame::Ping { nonce } => {

@@ -1,17 +1,32 @@
 //! The chatd server: reads config, starts telemetry, builds the node, waits
-//! for SIGINT/SIGTERM.
+//! for SIGINT/SIGTERM. `chatd export` / `chatd import` move a whole store
+//! (see `chatd::store::transfer`).
 
 use std::path::PathBuf;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// chatd — a real-time chat backend.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
     /// Extra config file layered over the defaults (env vars CHAT__SECTION__KEY win).
-    #[arg(long)]
+    #[arg(long, global = true)]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write the whole configured store as JSON lines (to FILE, or stdout).
+    Export {
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Load a JSON-lines export (from FILE, or stdin) into the configured
+    /// store, which must be empty.
+    Import { input: Option<PathBuf> },
 }
 
 #[tokio::main]
@@ -19,9 +34,43 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let settings = chatd::Settings::load(cli.config.as_deref())?;
+    if let Some(cmd) = cli.command {
+        return transfer(cmd, &settings).await;
+    }
     chatd::telemetry::init_logs(settings.log.format == "json");
     let app = chatd::Application::build(settings).await?;
     app.run_until_stopped(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()> {
+    use chatd::store::transfer;
+    use std::io::BufReader;
+    // stdout may carry the export: logs go to stderr, warnings and worse.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let store = &settings.store;
+    let counts = match cmd {
+        Command::Export { output: Some(p) } => {
+            transfer::export(store, std::fs::File::create(p)?, true).await?
+        }
+        Command::Export { output: None } => {
+            transfer::export(store, std::io::stdout(), true).await?
+        }
+        Command::Import { input: Some(p) } => {
+            let f = std::fs::File::open(p)?;
+            let size = f.metadata()?.len();
+            transfer::import(store, BufReader::new(f), Some(size), true).await?
+        }
+        Command::Import { input: None } => {
+            transfer::import(store, BufReader::new(std::io::stdin()), None, true).await?
+        }
+    };
+    eprintln!("{counts} (the {} store)", store.kind);
     Ok(())
 }
 

@@ -62,6 +62,21 @@ macro_rules! id_type {
                 write!(f, "{}({})", stringify!($name), &self.0)
             }
         }
+
+        /// In the OpenAPI document an id is a plain string.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .description(Some(concat!("A ", $what, " id (opaque; 1–64 of [A-Za-z0-9_-])")))
+                    .min_length(Some(1))
+                    .max_length(Some(64))
+                    .pattern(Some("^[A-Za-z0-9_-]+$"))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
     };
 }
 

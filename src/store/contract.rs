@@ -588,4 +588,11 @@ pub async fn room_summaries(s: &Stores) {
         list.iter().find(|r| r.room.id == room.id).unwrap().unread,
         1
     );
+    // A blocked sender's messages are neither last nor unread.
+    s.users.block(&a.id, &b.id).await.unwrap();
+    let list = s.rooms.rooms_for_user(&a.id).await.unwrap();
+    let d = list.iter().find(|r| r.room.id == room.id).unwrap();
+    assert_eq!(d.unread, 0);
+    assert_eq!(d.last_message.as_ref().unwrap().seq, 1);
+    s.users.unblock(&a.id, &b.id).await.unwrap();
 }

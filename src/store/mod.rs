@@ -3,14 +3,17 @@
 //!
 //! - [`sqlite`]: the embedded default (one file, WAL, a single writer thread
 //!   that group-commits every write of every room into one transaction).
-//! - `mongo`: the shared store of a cluster (its own issue).
+//! - [`mongo`]: the shared store of a cluster (transactions for every
+//!   multi-document change, group-committed appends).
 //!
 //! Startup picks the backend from config ([`open`]) and hands out [`Stores`],
 //! a bundle of `Arc<dyn ...>`. The one contract suite in [`contract`] runs
 //! against every backend.
 
 pub mod contract;
+pub mod mongo;
 pub mod sqlite;
+pub mod transfer;
 
 use std::sync::Arc;
 
@@ -41,12 +44,15 @@ pub enum StoreError {
 }
 
 /// A user as stored, without the password hash.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct User {
     pub id: UserId,
+    #[schema(value_type = String, example = "alice")]
     pub username: Username,
+    #[schema(value_type = String, format = Email)]
     pub email: Email,
     pub display_name: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
     #[serde(skip)]
     pub last_seen: Option<String>,
@@ -62,7 +68,7 @@ pub struct NewUser {
 }
 
 /// Per-user notification switches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct NotificationSettings {
     pub push: bool,
     pub email: bool,
@@ -164,7 +170,7 @@ pub trait AuthStore: Send + Sync {
 }
 
 /// Direct (two users) or group room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RoomKind {
     Direct,
@@ -182,7 +188,7 @@ impl RoomKind {
 }
 
 /// A member's role in a room.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Owner,
@@ -211,22 +217,26 @@ impl Role {
 }
 
 /// A member of a room with its cursors.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Member {
     pub user_id: UserId,
     pub role: Role,
+    #[schema(value_type = i64, minimum = 0)]
     pub delivered_seq: Seq,
+    #[schema(value_type = i64, minimum = 0)]
     pub read_seq: Seq,
 }
 
 /// A room with its members.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Room {
     pub id: RoomId,
     pub kind: RoomKind,
     pub name: Option<String>,
     pub members: Vec<Member>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(value_type = i64, minimum = 0)]
     pub last_seq: Seq,
 }
 
@@ -238,7 +248,7 @@ impl Room {
 }
 
 /// A room as listed for one user.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct RoomSummary {
     #[serde(flatten)]
     pub room: Room,
@@ -256,7 +266,7 @@ pub struct RoomCursor {
 }
 
 /// Which cursor to move.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum CursorKind {
     Delivered,
@@ -302,14 +312,18 @@ pub trait RoomStore: Send + Sync {
 }
 
 /// A stored message.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Message {
     pub id: MessageId,
     pub room_id: RoomId,
+    #[schema(value_type = i64, minimum = 0)]
     pub seq: Seq,
     pub sender_id: UserId,
+    #[schema(value_type = String)]
     pub client_msg_id: ClientMsgId,
+    #[schema(value_type = String)]
     pub body: MessageBody,
+    #[schema(format = DateTime)]
     pub created_at: String,
 }
 
@@ -399,8 +413,12 @@ pub async fn open(cfg: &StoreConfig) -> Result<Stores, StoreError> {
             let s = sqlite::SqliteStore::open(&cfg.sqlite).await?;
             Ok(Stores::from_backend(Arc::new(s)))
         }
+        "mongodb" => {
+            let s = mongo::MongoStore::open(&cfg.mongodb).await?;
+            Ok(Stores::from_backend(Arc::new(s)))
+        }
         other => Err(StoreError::Internal(format!(
-            "unknown store kind {other:?} (expected \"sqlite\")"
+            "unknown store kind {other:?} (expected \"sqlite\" or \"mongodb\")"
         ))),
     }
 }
