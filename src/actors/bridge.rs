@@ -179,7 +179,16 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
     {
         // A node heard of before its first heartbeat (its presence events
         // fill the directory): track it now, so that it times out if it
-        // dies before that heartbeat.
+        // dies before that heartbeat. It may also be a node this one had
+        // counted as gone (a backlog delayed its heartbeats) and stopped
+        // routing to meanwhile: its sessions settle from the store.
+        hub.publish(
+            Route::Node(from.clone()),
+            Event::Resync {
+                node: hub.node_id.clone(),
+            },
+        )
+        .await;
         hub.nodes.insert(
             from.clone(),
             NodeInfo {

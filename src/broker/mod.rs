@@ -92,8 +92,9 @@ pub enum Event {
     },
     /// A node is going away cleanly.
     NodeLeft { node: String },
-    /// A node reconnected to the broker: what it published or was sent
-    /// meanwhile may be lost, so every node's sessions re-read the store.
+    /// What `node` published or was sent may have been lost (it reconnected
+    /// to the broker, or it just met the receiver): the receiving node's
+    /// sessions re-read the store.
     Resync { node: String },
     /// Close every socket of a user.
     Disconnect { user_id: UserId },
