@@ -41,7 +41,9 @@ fn acked_ids(c: &Client) -> HashSet<String> {
 
 /// Waits until the union of `clients`' messages of `room` holds `want`.
 async fn wait_all_received(clients: &[&Client], room: &str, want: &HashSet<String>) -> Result<()> {
-    let deadline = tokio::time::Instant::now() + WAIT;
+    // Generous: it returns as soon as everything is there, and a loaded
+    // 2-core machine can take a while to drain thousands of messages.
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
     loop {
         let mut got = HashSet::new();
         for c in clients {
@@ -444,16 +446,14 @@ async fn a_node_started_without_its_broker_becomes_ready_when_it_appears() -> Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_closing_connections_mid_traffic_loses_nothing() -> Result<()> {
-    if std::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .arg("status")
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
-        eprintln!("skipped: rabbitmqctl is not usable here");
-        return Ok(());
-    }
+    assert!(
+        std::process::Command::new("rabbitmqctl")
+            .arg("-q")
+            .arg("status")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "rabbitmqctl is required to close the nodes' connections from the broker side"
+    );
     let c = Cluster::start(2).await?;
     let alice = c.register(0, "alice").await?;
     let bob = c.register(1, "bob").await?;
@@ -641,14 +641,14 @@ async fn broker_restart_loses_nothing() -> Result<()> {
 /// the load balancer to another node and gets what it missed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn through_nginx_load_balancer() -> Result<()> {
-    if std::process::Command::new("nginx")
-        .arg("-v")
-        .output()
-        .is_err()
-    {
-        eprintln!("skipped: nginx is not installed (apt-get install nginx-light)");
-        return Ok(());
-    }
+    // Like the browser test, this never passes silently without its tool.
+    assert!(
+        std::process::Command::new("nginx")
+            .arg("-v")
+            .output()
+            .is_ok(),
+        "nginx is required: apt-get install nginx-light (.ci/run installs nginx)"
+    );
     let lb = LocalCluster::start().await?;
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", lb.lb_port);
