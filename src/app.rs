@@ -161,6 +161,8 @@ impl Application {
         }
         self.root.stop(Some("shutdown".into()));
         let _ = tokio::time::timeout(Duration::from_secs(5), self.root_handle).await;
+        // Leaving for good: the broker drops this node's queue and disconnects.
+        hub.broker.close().await;
         for b in self.background {
             b.abort();
         }

@@ -21,6 +21,7 @@ pub struct Settings {
     pub ws: WsConfig,
     pub store: StoreConfig,
     pub broker: BrokerConfig,
+    pub cluster: ClusterConfig,
     pub auth: AuthConfig,
     pub admin: AdminConfig,
     pub rooms: RoomsConfig,
@@ -100,6 +101,17 @@ pub struct RabbitConfig {
     #[serde(serialize_with = "redact")]
     pub uri: String,
     pub prefetch: u16,
+    pub notify_prefetch: u16,
+    pub prefix: String,
+    pub queue_expires_secs: u64,
+    pub confirm_timeout_ms: u64,
+}
+
+/// `[cluster]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ClusterConfig {
+    pub heartbeat_secs: u64,
+    pub node_timeout_secs: u64,
 }
 
 /// `[auth]`.

@@ -12,7 +12,8 @@
 //!   the SQLite backend with group commit, the MongoDB backend
 //!   (transactions), export/import between them, and the contract suite
 //!   every backend passes.
-//! - [`broker`]: the bus between nodes (one trait; in-process backend).
+//! - [`broker`]: the bus between nodes (one trait; in-process and RabbitMQ
+//!   backends).
 //! - [`actors`]: the ractor tree: root supervisor, session supervisor with a
 //!   `UserSession` per connected user, room supervisor with a `Room` per
 //!   active room (store → ack → fan-out pipeline), the broker bridge.

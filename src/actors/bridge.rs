@@ -1,6 +1,11 @@
 //! The broker bridge: consumes this node's queue and hands each event to
-//! the local actors; publishes this node's heartbeat. A delivery is acked
-//! after it was handled.
+//! the local actors; publishes this node's heartbeat (`[cluster]
+//! heartbeat_secs`) and counts nodes silent for `node_timeout_secs` as gone.
+//! A delivery is acked after it was handled. A node that reconnected to the
+//! broker asks every node (itself included) to let its sessions re-read the
+//! store once heartbeats were exchanged again (`resync`), and a node that
+//! counts another as gone does the same, so live copies lost in an outage or
+//! with a dead node still arrive.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +17,6 @@ use super::{Hub, NodeInfo};
 use crate::broker::{Delivery, Event, Queue, Route};
 use crate::domain::now_rfc3339;
 use crate::protocol::ServerFrame;
-
-/// Seconds between heartbeats.
-pub const HEARTBEAT_SECS: u64 = 5;
-/// A node that has not sent a heartbeat for this long counts as gone.
-pub const NODE_TIMEOUT_SECS: i64 = 20;
 
 /// Bridge actor; its work runs in tasks it owns.
 pub struct BrokerBridge;
@@ -48,10 +48,28 @@ impl Actor for BrokerBridge {
         let heartbeat = tokio::spawn({
             let hub = hub.clone();
             async move {
-                let mut every = tokio::time::interval(Duration::from_secs(HEARTBEAT_SECS));
+                let secs = hub.settings.cluster.heartbeat_secs.max(1);
+                let mut every = tokio::time::interval(Duration::from_secs(secs));
+                let mut epoch = hub.broker.epoch();
+                let mut resync_next = false;
                 loop {
                     every.tick().await;
                     heartbeat(&hub).await;
+                    if resync_next {
+                        // A heartbeat after reconnecting, every node knows
+                        // again who is where: all re-read the store for
+                        // what this node's outage kept from crossing.
+                        hub.publish(
+                            Route::AllNodes,
+                            Event::Resync {
+                                node: hub.node_id.clone(),
+                            },
+                        )
+                        .await;
+                    }
+                    let now = hub.broker.epoch();
+                    resync_next = now != epoch;
+                    epoch = now;
                 }
             }
         });
@@ -87,6 +105,7 @@ async fn heartbeat(hub: &Hub) {
     )
     .await;
     // Nodes silent for too long are gone: their users are offline.
+    let timeout = i64::try_from(hub.settings.cluster.node_timeout_secs).unwrap_or(i64::MAX);
     let now = chrono::Utc::now();
     let dead: Vec<String> = hub
         .nodes
@@ -94,7 +113,7 @@ async fn heartbeat(hub: &Hub) {
         .filter(|n| n.id != hub.node_id)
         .filter(|n| {
             chrono::DateTime::parse_from_rfc3339(&n.last_heartbeat)
-                .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds() > NODE_TIMEOUT_SECS)
+                .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds() >= timeout)
                 .unwrap_or(true)
         })
         .map(|n| n.id.clone())
@@ -108,7 +127,22 @@ async fn heartbeat(hub: &Hub) {
 async fn node_gone(hub: &Hub, node: &str) {
     hub.nodes.remove(node);
     for (user, online) in hub.directory.replace_node(node, &[]) {
-        presence_changed(hub, &user, online, Some(now_rfc3339()), None).await;
+        let now = now_rfc3339();
+        // The dead node cannot record `last_seen`; the survivors do.
+        if let Err(e) = hub.stores.users.set_last_seen(&user, &now).await {
+            tracing::warn!(error = %e, "could not store last_seen");
+        }
+        presence_changed(hub, &user, online, Some(now), None).await;
+    }
+    // It may have stored messages it never forwarded.
+    settle_sessions(hub);
+}
+
+/// Asks every local session to push what the store has beyond what it
+/// pushed (live copies that did not cross the broker).
+fn settle_sessions(hub: &Hub) {
+    for s in hub.sessions.iter() {
+        let _ = s.value().cast(SessionMsg::Settle);
     }
 }
 
@@ -138,6 +172,35 @@ async fn presence_changed(
 }
 
 async fn handle(hub: &Arc<Hub>, d: Delivery) {
+    let from = &d.envelope.from;
+    if from != &hub.node_id
+        && !matches!(d.envelope.event, Event::NodeLeft { .. })
+        && !hub.nodes.contains_key(from)
+    {
+        // A node heard of before its first heartbeat (its presence events
+        // fill the directory): track it now, so that it times out if it
+        // dies before that heartbeat. It may also be a node this one had
+        // counted as gone (a backlog delayed its heartbeats) and stopped
+        // routing to meanwhile: its sessions settle from the store.
+        hub.publish(
+            Route::Node(from.clone()),
+            Event::Resync {
+                node: hub.node_id.clone(),
+            },
+        )
+        .await;
+        hub.nodes.insert(
+            from.clone(),
+            NodeInfo {
+                id: from.clone(),
+                address: String::new(),
+                started_at: String::new(),
+                last_heartbeat: now_rfc3339(),
+                sessions: 0,
+                rooms: 0,
+            },
+        );
+    }
     match &d.envelope.event {
         Event::Deliver {
             users,
@@ -207,6 +270,10 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             if node != &hub.node_id {
                 node_gone(hub, node).await;
             }
+        }
+        Event::Resync { node } => {
+            tracing::info!(node = %node, "a node reconnected to the broker; sessions re-read the store");
+            settle_sessions(hub);
         }
         Event::Disconnect { user_id } => {
             if let Some(s) = hub.sessions.get(user_id) {

@@ -319,6 +319,11 @@ impl Hub {
             Ok(()) => {
                 self.broker_down.store(false, Ordering::Relaxed);
             }
+            // No queue for that route (a node gone for good): not an outage.
+            Err(e @ crate::broker::BrokerError::Unroutable(_)) => {
+                tracing::debug!(error = %e, "broker returned a message");
+                metrics::counter!("chatd_broker_unroutable_total").increment(1);
+            }
             Err(e) => {
                 if !self.broker_down.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "broker publish failed; clients recover from the store");

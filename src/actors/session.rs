@@ -14,7 +14,7 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 
-use super::{Hub, SocketHandle, CLOSE_KICKED};
+use super::{Hub, SocketHandle, CLOSE_KICKED, CLOSE_SLOW_CONSUMER};
 use crate::broker::{Event, Route};
 use crate::domain::{now_rfc3339, RoomId, Seq, SessionId, UserId};
 use crate::protocol::{message_frame, Frame, ServerFrame};
@@ -44,6 +44,9 @@ pub enum SessionMsg {
     Disconnect,
     /// After a restart: resend catch-up to the adopted sockets.
     Resume,
+    /// Push what the store has beyond what this session pushed (across
+    /// nodes, a live copy can miss: directory not yet updated, broker outage).
+    Settle,
     /// State for the admin view.
     Inspect(RpcReplyPort<SessionInfo>),
 }
@@ -138,6 +141,14 @@ impl Actor for SessionActor {
                 if first {
                     st.announced_online = true;
                     announce(st, true, None).await;
+                    if st.hub.broker.kind() != "inprocess" {
+                        // Other nodes route to this one once they processed
+                        // the announcement; settle after that.
+                        let secs = st.hub.settings.cluster.heartbeat_secs.max(1);
+                        myself.send_after(std::time::Duration::from_secs(secs), || {
+                            SessionMsg::Settle
+                        });
+                    }
                 }
             }
             SessionMsg::Detach(id) => {
@@ -183,6 +194,7 @@ impl Actor for SessionActor {
                     s.close(CLOSE_KICKED, "disconnected by an operator");
                 }
             }
+            SessionMsg::Settle => settle(st).await,
             SessionMsg::Resume => {
                 let sockets = st.sockets.clone();
                 for (i, s) in sockets.iter().enumerate() {
@@ -282,7 +294,7 @@ async fn deliver(
             Some(last) if seq > last + 1 => {
                 // A gap: the missing messages are stored (they were
                 // committed before this one); push them first.
-                fill_gap(st, &room_id, last, seq).await;
+                fill_gap(st, &room_id, last, seq, false).await;
             }
             _ => {}
         }
@@ -296,23 +308,66 @@ async fn deliver(
     }
 }
 
-async fn fill_gap(st: &mut SessionState, room_id: &RoomId, last: Seq, upto: Seq) {
-    let q = HistoryQuery {
-        before: Some(upto),
-        after: Some(last),
-        limit: (upto - last).clamp(1, 1000) as u32,
-    };
-    match st.hub.stores.messages.history(room_id, q).await {
-        Ok(msgs) => {
-            for m in msgs.iter().filter(|m| !st.blocked.contains(&m.sender_id)) {
-                let f = message_frame(m);
-                for s in &st.sockets {
+/// Pushes the stored messages with `last < seq < upto`, page by page, and
+/// returns the last `seq` it covered. Live fills (`wait` false) never wait:
+/// a socket whose queue fills is closed as slow and resyncs. Settles wait a
+/// moment for room before doing the same.
+async fn fill_gap(st: &SessionState, room_id: &RoomId, last: Seq, upto: Seq, wait: bool) -> Seq {
+    let mut after = last;
+    while after + 1 < upto {
+        let q = HistoryQuery {
+            before: Some(upto),
+            after: Some(after),
+            limit: (upto - after - 1).clamp(1, 500) as u32,
+        };
+        let page = match st.hub.stores.messages.history(room_id, q).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, room = %room_id, "gap fill failed; clients resync by cursor");
+                break;
+            }
+        };
+        let Some(end) = page.last().map(|m| m.seq) else {
+            break;
+        };
+        for m in page.iter().filter(|m| !st.blocked.contains(&m.sender_id)) {
+            let f = message_frame(m);
+            for s in &st.sockets {
+                if !wait {
                     s.push(f.clone());
+                } else if tokio::time::timeout(SETTLE_PUSH_WAIT, s.push_wait(f.clone()))
+                    .await
+                    .is_err()
+                {
+                    s.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
                 }
             }
         }
-        Err(e) => {
-            tracing::warn!(error = %e, room = %room_id, "gap fill failed; clients resync by cursor")
+        after = end;
+    }
+    after
+}
+
+/// How long a settle waits for room in a socket's queue.
+const SETTLE_PUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+async fn settle(st: &mut SessionState) {
+    if st.sockets.is_empty() {
+        return;
+    }
+    let Ok(cursors) = st.hub.stores.rooms.cursors_for_user(&st.user_id).await else {
+        return;
+    };
+    for c in cursors {
+        let last = st
+            .last_pushed
+            .get(&c.room_id)
+            .copied()
+            .unwrap_or(c.delivered_seq);
+        if c.last_seq > last {
+            // Live copies still on their way are dropped as duplicates later.
+            let covered = fill_gap(st, &c.room_id, last, c.last_seq + 1, true).await;
+            st.last_pushed.insert(c.room_id, covered);
         }
     }
 }

@@ -1,11 +1,13 @@
 //! The message bus between nodes (and, on one node, between subsystems).
 //!
 //! One trait, [`Broker`], two backends: [`inprocess`] (the default: queues in
-//! this process) and RabbitMQ (its own issue). The actors only see the trait:
+//! this process) and [`rabbitmq`] (a cluster; topology in docs/cluster.md).
+//! The actors only see the trait:
 //! they publish an [`Envelope`] to a [`Route`] and the bridge consumes this
 //! node's queue. Deliveries are acked only after they were handled.
 
 pub mod inprocess;
+pub mod rabbitmq;
 
 use std::sync::Arc;
 
@@ -90,6 +92,10 @@ pub enum Event {
     },
     /// A node is going away cleanly.
     NodeLeft { node: String },
+    /// What `node` published or was sent may have been lost (it reconnected
+    /// to the broker, or it just met the receiver): the receiving node's
+    /// sessions re-read the store.
+    Resync { node: String },
     /// Close every socket of a user.
     Disconnect { user_id: UserId },
     /// A message that some members did not receive live.
@@ -114,6 +120,10 @@ pub enum BrokerError {
     /// Not connected (the caller may retry; nothing was published).
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The broker took the message but no queue was bound to its route
+    /// (e.g. the destination node is gone and its queue expired).
+    #[error("broker could not route the message: {0}")]
+    Unroutable(String),
     /// A consumer was asked for twice, or similar misuse.
     #[error("broker: {0}")]
     Other(String),
@@ -177,6 +187,13 @@ pub trait Broker: Send + Sync {
     fn is_ready(&self) -> bool;
     /// Backend name.
     fn kind(&self) -> &'static str;
+    /// Counts the backend's (re)connections: a change means the node may
+    /// have missed events meanwhile. Constant for backends that never drop.
+    fn epoch(&self) -> u64 {
+        0
+    }
+    /// The node leaves for good: remove its queue and disconnect.
+    async fn close(&self) {}
 }
 
 /// Opens the configured backend.
@@ -186,8 +203,11 @@ pub async fn open(
 ) -> Result<Arc<dyn Broker>, BrokerError> {
     match cfg.kind.as_str() {
         "inprocess" | "in-process" | "memory" => Ok(Arc::new(inprocess::InProcess::new(node_id))),
+        "rabbitmq" | "amqp" => Ok(Arc::new(
+            rabbitmq::RabbitMq::open(&cfg.rabbitmq, node_id).await?,
+        )),
         other => Err(BrokerError::Other(format!(
-            "unknown broker kind {other:?} (expected \"inprocess\")"
+            "unknown broker kind {other:?} (expected \"inprocess\" or \"rabbitmq\")"
         ))),
     }
 }

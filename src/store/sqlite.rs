@@ -167,7 +167,20 @@ impl SqliteStore {
         };
         let conn = tokio::task::spawn_blocking({
             let path = path.clone();
-            move || open_writer(&path, synchronous)
+            move || {
+                // Nodes that share the file and start together contend for
+                // its first opening (switching to WAL needs the file to
+                // itself, without the busy handler): retry for a while.
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    match open_writer(&path, synchronous) {
+                        Err(StoreError::Unavailable(_)) if std::time::Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                        r => return r,
+                    }
+                }
+            }
         })
         .await
         .map_err(internal)??;
