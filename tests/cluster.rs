@@ -797,3 +797,53 @@ async fn wait_ok(http: &reqwest::Client, url: &str) -> Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_finds_a_users_sessions_across_nodes() -> Result<()> {
+    let c = Cluster::start(2).await?;
+    let admin = c.register_admin(0).await?;
+    let erin = c.register(0, "erin").await?;
+    let frank = c.register(1, "frank").await?;
+    let _room = direct_room(&c.http, &c.nodes[0].base(), &erin, &frank).await?;
+    let on_a = Client::connect(&addr(&c, 0), &erin).await?;
+    let on_b = Client::connect(&addr(&c, 1), &erin).await?;
+    assert_ne!(on_a.node_id(), on_b.node_id());
+    // Node A learns that erin is also on B from B's presence event.
+    let url = format!("{}/admin/v1/sessions/{}", c.nodes[0].base(), erin.id);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: Value = c
+            .http
+            .get(&url)
+            .bearer_auth(&admin.token)
+            .send()
+            .await?
+            .json()
+            .await?;
+        let mut nodes: Vec<String> = v["sessions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| s["node"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        nodes.sort();
+        let mut want = vec![on_a.node_id(), on_b.node_id()];
+        want.sort();
+        if nodes == want {
+            assert_eq!(v["unreachable_nodes"], json!([]), "{v}");
+            for s in v["sessions"].as_array().unwrap() {
+                assert_eq!(s["devices"].as_array().unwrap().len(), 1, "{v}");
+            }
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "sessions on both nodes: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A plain user may not ask.
+    let r = c.http.get(&url).bearer_auth(&frank.token).send().await?;
+    assert_eq!(r.status(), 403);
+    Ok(())
+}

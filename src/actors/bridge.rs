@@ -280,6 +280,35 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
                 let _ = s.cast(SessionMsg::Disconnect);
             }
         }
+        Event::SessionQuery {
+            user_id,
+            reply_to,
+            request_id,
+        } => {
+            let sessions = hub
+                .inspect_local_session(user_id)
+                .await
+                .into_iter()
+                .collect();
+            hub.publish(
+                Route::Node(reply_to.clone()),
+                Event::SessionReport {
+                    request_id: request_id.clone(),
+                    node: hub.node_id.clone(),
+                    sessions,
+                },
+            )
+            .await;
+        }
+        Event::SessionReport {
+            request_id,
+            node,
+            sessions,
+        } => {
+            if let Some(tx) = hub.admin_queries.get(request_id) {
+                let _ = tx.send((node.clone(), sessions.clone()));
+            }
+        }
         Event::Notify(_) => {}
     }
     d.ack().await;

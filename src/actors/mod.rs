@@ -254,6 +254,8 @@ pub struct Hub {
     pub(crate) session_sup: RwLock<Option<ActorRef<session_sup::SessionSupMsg>>>,
     pub(crate) room_sup: RwLock<Option<ActorRef<room_sup::RoomSupMsg>>>,
     pub(crate) broker_down: AtomicBool,
+    /// Admin session queries waiting for other nodes' reports.
+    pub admin_queries: DashMap<String, mpsc::UnboundedSender<(String, Vec<session::SessionInfo>)>>,
     /// The root supervisor, for the admin tree.
     pub root: OnceLock<ractor::ActorCell>,
 }
@@ -304,6 +306,7 @@ impl Hub {
             session_sup: RwLock::new(None),
             room_sup: RwLock::new(None),
             broker_down: AtomicBool::new(false),
+            admin_queries: DashMap::new(),
             root: OnceLock::new(),
         })
     }
@@ -493,6 +496,65 @@ impl Hub {
             )
             .await;
         }
+    }
+
+    /// The admin view of the user's session actor on this node, if any.
+    pub async fn inspect_local_session(&self, user: &UserId) -> Option<session::SessionInfo> {
+        let s = self.sessions.get(user).map(|s| s.clone())?;
+        match s
+            .call(session::SessionMsg::Inspect, Some(CALL_TIMEOUT))
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(info)) => Some(info),
+            _ => None,
+        }
+    }
+
+    /// The user's session actors across the cluster: this node's, and those
+    /// other nodes (from the directory) report over the broker within
+    /// `wait`. Returns the sessions and the nodes that did not answer.
+    pub async fn cluster_sessions(
+        &self,
+        user: &UserId,
+        wait: std::time::Duration,
+    ) -> (Vec<session::SessionInfo>, Vec<String>) {
+        let mut out: Vec<session::SessionInfo> =
+            self.inspect_local_session(user).await.into_iter().collect();
+        let mut waiting: std::collections::BTreeSet<String> = self
+            .directory
+            .nodes_of(user)
+            .into_iter()
+            .filter(|n| n != &self.node_id)
+            .collect();
+        if waiting.is_empty() {
+            return (out, Vec::new());
+        }
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.admin_queries.insert(request_id.clone(), tx);
+        for n in &waiting {
+            self.publish(
+                Route::Node(n.clone()),
+                Event::SessionQuery {
+                    user_id: user.clone(),
+                    reply_to: self.node_id.clone(),
+                    request_id: request_id.clone(),
+                },
+            )
+            .await;
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some((node, sessions))) => {
+                    waiting.remove(&node);
+                    out.extend(sessions);
+                }
+                _ => break,
+            }
+        }
+        self.admin_queries.remove(&request_id);
+        (out, waiting.into_iter().collect())
     }
 
     /// Whether the user counts as an admin.

@@ -52,17 +52,17 @@ pub enum SessionMsg {
 }
 
 /// The admin view of a session actor.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct SessionInfo {
     pub node: String,
     pub user_id: UserId,
     pub connected_at: String,
-    pub presence: &'static str,
+    pub presence: String,
     pub devices: Vec<DeviceInfo>,
 }
 
 /// One socket in the admin view.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct DeviceInfo {
     pub session_id: SessionId,
     pub connected_at: String,
@@ -210,7 +210,8 @@ impl Actor for SessionActor {
                         "offline"
                     } else {
                         "online"
-                    },
+                    }
+                    .to_owned(),
                     devices: st
                         .sockets
                         .iter()

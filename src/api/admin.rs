@@ -194,24 +194,12 @@ async fn sessions(
     Path(user): Path<String>,
 ) -> ApiResult<Json<Sessions>> {
     let user = UserId::parse(&user).map_err(|_| Error::NotFound("no such user".into()))?;
-    let mut out = Vec::new();
-    let local = st.hub.sessions.get(&user).map(|s| s.clone());
-    if let Some(s) = local {
-        if let Ok(ractor::rpc::CallResult::Success(info)) =
-            s.call(SessionMsg::Inspect, Some(CALL_TIMEOUT)).await
-        {
-            out.push(info);
-        }
-    }
-    // Other nodes holding the user (from the directory) are listed as
-    // unreachable until the cross-node admin query lands.
-    let unreachable_nodes = st
+    // Other nodes holding the user answer over the broker; those silent
+    // for 2 s are listed as unreachable.
+    let (out, unreachable_nodes) = st
         .hub
-        .directory
-        .nodes_of(&user)
-        .into_iter()
-        .filter(|n| n != &st.hub.node_id)
-        .collect();
+        .cluster_sessions(&user, std::time::Duration::from_secs(2))
+        .await;
     Ok(Json(Sessions {
         user_id: user,
         sessions: out,

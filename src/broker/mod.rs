@@ -96,6 +96,18 @@ pub enum Event {
     /// to the broker, or it just met the receiver): the receiving node's
     /// sessions re-read the store.
     Resync { node: String },
+    /// An admin asks every node holding `user_id` for its session actor.
+    SessionQuery {
+        user_id: UserId,
+        reply_to: String,
+        request_id: String,
+    },
+    /// A node's answer to a [`Event::SessionQuery`] (empty: no session here).
+    SessionReport {
+        request_id: String,
+        node: String,
+        sessions: Vec<crate::actors::session::SessionInfo>,
+    },
     /// Close every socket of a user.
     Disconnect { user_id: UserId },
     /// A message that some members did not receive live.

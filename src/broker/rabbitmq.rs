@@ -360,6 +360,8 @@ fn event_kind(e: &Event) -> &'static str {
         Event::NodeLeft { .. } => "node_left",
         Event::Resync { .. } => "resync",
         Event::Disconnect { .. } => "disconnect",
+        Event::SessionQuery { .. } => "session_query",
+        Event::SessionReport { .. } => "session_report",
         Event::Notify(_) => "notify",
     }
 }

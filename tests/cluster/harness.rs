@@ -93,6 +93,8 @@ pub struct Cluster {
     started: Vec<String>,
     /// `cluster.node_timeout_secs` of nodes started from now on.
     pub node_timeout_secs: u64,
+    /// The username with the admin role on every node.
+    pub admin_name: String,
 }
 
 impl Cluster {
@@ -124,6 +126,7 @@ impl Cluster {
                 .expect("http client"),
             started: Vec::new(),
             node_timeout_secs: NODE_TIMEOUT_SECS,
+            admin_name: format!("admin_{}", rand_id(8)),
         }
     }
 
@@ -179,6 +182,7 @@ impl Cluster {
                 self.node_timeout_secs.to_string(),
             )
             .env("CHAT__AUTH__JWT_SECRET", &self.secret)
+            .env("CHAT__ADMIN__USERNAMES", &self.admin_name)
             .env("CHAT__AUTH__HASH_CONCURRENCY", "4")
             .env("CHAT__AUTH__LOGIN_MAX_FAILURES", "1000")
             .stdin(Stdio::null())
@@ -287,6 +291,27 @@ impl Cluster {
     /// Registers a user through node `i`.
     pub async fn register(&self, i: usize, name: &str) -> Result<User> {
         register(&self.http, &self.nodes[i].base(), name).await
+    }
+
+    /// Registers the cluster's admin user at node `i`.
+    pub async fn register_admin(&self, i: usize) -> Result<User> {
+        let username = self.admin_name.clone();
+        let r = self
+            .http
+            .post(format!("{}/api/v1/auth/register", self.nodes[i].base()))
+            .json(&json!({
+                "username": username,
+                "email": format!("{username}@example.com"),
+                "password": "correct horse battery",
+            }))
+            .send()
+            .await?;
+        let v: Value = r.json().await?;
+        Ok(User {
+            id: v["user"]["id"].as_str().unwrap_or_default().to_owned(),
+            username,
+            token: v["access_token"].as_str().unwrap_or_default().to_owned(),
+        })
     }
 
     /// Names of this cluster's broker objects.
