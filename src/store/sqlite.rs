@@ -8,6 +8,7 @@
 //! (`BEGIN IMMEDIATE` plus a busy timeout serialise their writers); a room's
 //! `seq` is assigned inside the writing transaction, so they never collide.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -261,6 +262,7 @@ fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, StoreError>
         }
     }
     let conn = Connection::open(path).map_err(sql_err)?;
+    conn.set_prepared_statement_cache_capacity(128);
     conn.busy_timeout(Duration::from_secs(5)).map_err(sql_err)?;
     conn.execute_batch(&format!(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; PRAGMA foreign_keys=OFF;"
@@ -1086,19 +1088,15 @@ impl MessageStore for SqliteStore {
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
         self.write(move |c| {
+            // Expected refusals (not a member, no such room) happen before
+            // any write of that message; an SQL error fails the whole job,
+            // whose savepoint rolls back every message of the batch. So a
+            // seq bump is never left without its message (no gap), without
+            // a savepoint per message.
             let mut out = Vec::with_capacity(batch.len());
+            let mut members: HashSet<(RoomId, UserId)> = HashSet::new();
             for m in batch {
-                // A savepoint per message: a failure between the seq bump and
-                // the insert must not leave a gap in the room's seq.
-                c.execute_batch("SAVEPOINT m").map_err(sql_err)?;
-                let r = append_one(c, m);
-                let end = if r.is_ok() {
-                    "RELEASE m"
-                } else {
-                    "ROLLBACK TO m; RELEASE m"
-                };
-                c.execute_batch(end).map_err(sql_err)?;
-                out.push(r);
+                out.push(append_one(c, m, &mut members)?);
             }
             Ok(out)
         })
@@ -1133,41 +1131,54 @@ impl MessageStore for SqliteStore {
     }
 }
 
-fn append_one(c: &Connection, m: NewMessage) -> Result<Appended, StoreError> {
+/// Appends one message. The outer error is an SQL failure (the caller
+/// fails the whole batch); the inner one an expected refusal.
+fn append_one(
+    c: &Connection,
+    m: NewMessage,
+    members: &mut HashSet<(RoomId, UserId)>,
+) -> Result<Result<Appended, StoreError>, StoreError> {
     let existing = c
-        .query_row(
-            &format!("SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND sender_id = ?2 AND client_msg_id = ?3"),
-            params![m.room_id.as_str(), m.sender_id.as_str(), m.client_msg_id.as_str()],
-            row_message,
-        )
-        .optional()
+        .prepare_cached(&format!(
+            "SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND sender_id = ?2 AND client_msg_id = ?3"
+        ))
+        .and_then(|mut st| {
+            st.query_row(
+                params![m.room_id.as_str(), m.sender_id.as_str(), m.client_msg_id.as_str()],
+                row_message,
+            )
+            .optional()
+        })
         .map_err(sql_err)?;
     if let Some(message) = existing {
-        return Ok(Appended {
+        return Ok(Ok(Appended {
             message,
             duplicate: true,
-        });
+        }));
     }
-    let member: Option<i64> = c
-        .query_row(
-            "SELECT 1 FROM room_members WHERE room_id = ?1 AND user_id = ?2",
-            params![m.room_id.as_str(), m.sender_id.as_str()],
-            |r| r.get(0),
-        )
-        .optional()
+    let key = (m.room_id.clone(), m.sender_id.clone());
+    if !members.contains(&key) {
+        let member: Option<i64> = c
+            .prepare_cached("SELECT 1 FROM room_members WHERE room_id = ?1 AND user_id = ?2")
+            .and_then(|mut st| {
+                st.query_row(params![m.room_id.as_str(), m.sender_id.as_str()], |r| {
+                    r.get(0)
+                })
+                .optional()
+            })
+            .map_err(sql_err)?;
+        if member.is_none() {
+            return Ok(Err(StoreError::Forbidden));
+        }
+        members.insert(key);
+    }
+    let seq: Option<i64> = c
+        .prepare_cached("UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq")
+        .and_then(|mut st| st.query_row([m.room_id.as_str()], |r| r.get(0)).optional())
         .map_err(sql_err)?;
-    if member.is_none() {
-        return Err(StoreError::Forbidden);
-    }
-    let seq: i64 = c
-        .query_row(
-            "UPDATE rooms SET last_seq = last_seq + 1 WHERE id = ?1 RETURNING last_seq",
-            [m.room_id.as_str()],
-            |r| r.get(0),
-        )
-        .optional()
-        .map_err(sql_err)?
-        .ok_or(StoreError::NotFound)?;
+    let Some(seq) = seq else {
+        return Ok(Err(StoreError::NotFound));
+    };
     let message = Message {
         id: MessageId::generate(),
         room_id: m.room_id,
@@ -1192,10 +1203,10 @@ fn append_one(c: &Connection, m: NewMessage) -> Result<Appended, StoreError> {
         ])
     })
     .map_err(sql_err)?;
-    Ok(Appended {
+    Ok(Ok(Appended {
         message,
         duplicate: false,
-    })
+    }))
 }
 
 #[async_trait]
