@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --bin chatd --bin bench-relay --bin chat-bench
+cargo build --release -p chatd -p chat-bench
 
 if [ ! -d bench/node-relay/node_modules/ws ]; then
   (cd bench/node-relay && npm install --no-audit --no-fund)

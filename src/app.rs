@@ -156,7 +156,7 @@ impl Application {
         // Sockets close (1001) once their queued acks are written.
         for e in hub.sockets.iter() {
             for s in e.value() {
-                s.close(crate::actors::CLOSE_GOING_AWAY, "server shutting down");
+                s.close(crate::socket::CLOSE_GOING_AWAY, "server shutting down");
             }
         }
         self.root.stop(Some("shutdown".into()));

@@ -18,6 +18,8 @@
 //!   `UserSession` per connected user, room supervisor with a `Room` per
 //!   active room (store → ack → fan-out pipeline), the broker bridge.
 //! - [`protocol`]: the WebSocket frames of the contract.
+//! - [`socket`]: a socket's bounded outbound queue, its closer and the close
+//!   codes, shared by actors and api.
 //! - [`auth`]: argon2id, JWT access tokens, rotating refresh tokens, login limiter.
 //! - [`api`]: axum routers (`auth`, `users`, `rooms`, `ws`, `admin`, health)
 //!   and the one error type.
@@ -35,6 +37,7 @@ pub mod config;
 pub mod domain;
 pub mod notify;
 pub mod protocol;
+pub mod socket;
 pub mod store;
 pub mod telemetry;
 

@@ -17,10 +17,11 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Hub, SocketHandle};
+use super::Hub;
 use crate::broker::{Event, NotifyJob, Route};
 use crate::domain::{ClientMsgId, MessageBody, RoomId, Seq, UserId};
 use crate::protocol::{ack_frame, error_frame, message_frame, ServerFrame};
+use crate::socket::SocketHandle;
 use crate::store::{Appended, CursorKind, Message, NewMessage, Role, RoomKind, StoreError};
 
 /// Room actor.

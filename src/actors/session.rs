@@ -14,10 +14,11 @@ use std::sync::Arc;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 
-use super::{Hub, SocketHandle, CLOSE_KICKED, CLOSE_SLOW_CONSUMER};
+use super::Hub;
 use crate::broker::{Event, Route};
 use crate::domain::{now_rfc3339, RoomId, Seq, SessionId, UserId};
 use crate::protocol::{message_frame, Frame, ServerFrame};
+use crate::socket::{SocketHandle, CLOSE_KICKED, CLOSE_SLOW_CONSUMER};
 use crate::store::{HistoryQuery, RoomCursor};
 
 /// Session actor.

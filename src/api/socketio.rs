@@ -57,12 +57,12 @@ use tokio_util::task::TaskTracker;
 
 use super::AppState;
 use crate::actors::session::SessionMsg;
-use crate::actors::{
-    CloseReason, SocketHandle, SocketInbox, CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER,
-};
 use crate::auth::AuthUser;
 use crate::domain::ClientMsgId;
 use crate::protocol::{error_frame, ClientFrame, Frame, ServerFrame};
+use crate::socket::{
+    CloseReason, SocketHandle, SocketInbox, CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER,
+};
 
 /// How long the pump waits for room in socketioxide's buffer of a socket
 /// before closing it as a slow consumer.

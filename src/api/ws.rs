@@ -16,10 +16,11 @@ use utoipa_axum::routes;
 use super::{AppState, Error, ErrorBody};
 use crate::actors::room::{Replier, RoomMsg};
 use crate::actors::session::SessionMsg;
-use crate::actors::{ActorError, SocketHandle, SocketInbox, CALL_TIMEOUT, CLOSE_GOING_AWAY};
+use crate::actors::{ActorError, CALL_TIMEOUT};
 use crate::auth::AuthUser;
 use crate::domain::{ClientMsgId, MessageBody, ParseError, RoomId};
 use crate::protocol::{error_frame, message_frame, ClientFrame, Frame, ServerFrame};
+use crate::socket::{SocketHandle, SocketInbox, CLOSE_GOING_AWAY};
 use crate::store::{CursorKind, HistoryQuery};
 
 /// The socket route.

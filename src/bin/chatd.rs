@@ -6,6 +6,12 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+// jemalloc returns memory freed on other threads (glibc's per-thread arenas
+// kept it: the SQLite writer allocates, runtime workers free, and every
+// thread that hashed a password kept its own ~19 MiB arena).
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// chatd — a real-time chat backend.
 #[derive(Parser)]
 #[command(version, about)]

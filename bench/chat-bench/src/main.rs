@@ -6,25 +6,15 @@
 //! relay one after the other under the same scenarios and writes BENCHMARKS.md's table
 //! and chart. See `chat-bench --help` and BENCHMARKS.md.
 
-#[path = "chat-bench/api.rs"]
 mod api;
-#[path = "chat-bench/chart.rs"]
 mod chart;
-#[path = "chat-bench/cli.rs"]
 mod cli;
-#[path = "chat-bench/engine.rs"]
 mod engine;
-#[path = "chat-bench/idle.rs"]
 mod idle;
-#[path = "chat-bench/procfs.rs"]
 mod procfs;
-#[path = "chat-bench/report.rs"]
 mod report;
-#[path = "chat-bench/scenarios.rs"]
 mod scenarios;
-#[path = "chat-bench/suite.rs"]
 mod suite;
-#[path = "chat-bench/ws.rs"]
 mod ws;
 
 use clap::Parser;
