@@ -70,7 +70,10 @@ impl Application {
             .map_err(|e| StartError::Actors(e.to_string()))?;
         let _ = hub.root.set(root.get_cell());
         let mut background = Vec::new();
-        if matches!(settings.node.role.as_str(), "all" | "notifier") {
+        if matches!(
+            settings.node.role,
+            crate::config::NodeRole::All | crate::config::NodeRole::Notifier
+        ) {
             background.push(crate::notify::start(hub.clone()).await?);
         }
         let auth = AuthService::new(&settings.auth, &secret);

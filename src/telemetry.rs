@@ -1,6 +1,7 @@
 //! Logs (tracing; text or JSON by config, level from `RUST_LOG`) and the
 //! Prometheus metrics recorder.
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -8,11 +9,14 @@ use tracing_subscriber::EnvFilter;
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
 
-/// Installs the global log subscriber (once; later calls do nothing).
+/// Installs the global log subscriber (once; later calls do nothing). Logs
+/// go to stdout, coloured only when stdout is a terminal (a file or a pipe
+/// gets plain text).
 pub fn init_logs(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

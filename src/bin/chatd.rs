@@ -12,9 +12,16 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// chatd — a real-time chat backend.
+/// chatd — a real-time chat backend; without a subcommand it starts the server.
+///
+/// Without a subcommand, chatd starts the server: it listens on
+/// `http.listen` (default 127.0.0.1:8080) until Ctrl-C or SIGTERM.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Run without a subcommand to start the server. Configuration: config.toml defaults, \
+                  then --config FILE, then CHAT__SECTION__KEY environment variables (docs/config.md)."
+)]
 struct Cli {
     /// Extra config file layered over the defaults (env vars CHAT__SECTION__KEY win).
     #[arg(long, global = true)]
@@ -27,12 +34,17 @@ struct Cli {
 enum Command {
     /// Write the whole configured store as JSON lines (to FILE, or stdout).
     Export {
-        #[arg(long, short)]
+        /// File to write the export to (default: stdout).
+        #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
     /// Load a JSON-lines export (from FILE, or stdin) into the configured
     /// store, which must be empty.
-    Import { input: Option<PathBuf> },
+    Import {
+        /// Export file to read (default: stdin).
+        #[arg(value_name = "INPUT")]
+        input: Option<PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -62,6 +74,7 @@ async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let store = &settings.store;
     let counts = match cmd {

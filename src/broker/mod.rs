@@ -213,13 +213,10 @@ pub async fn open(
     cfg: &crate::config::BrokerConfig,
     node_id: &str,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
-    match cfg.kind.as_str() {
-        "inprocess" | "in-process" | "memory" => Ok(Arc::new(inprocess::InProcess::new(node_id))),
-        "rabbitmq" | "amqp" => Ok(Arc::new(
+    match cfg.kind {
+        crate::config::BrokerKind::Inprocess => Ok(Arc::new(inprocess::InProcess::new(node_id))),
+        crate::config::BrokerKind::Rabbitmq => Ok(Arc::new(
             rabbitmq::RabbitMq::open(&cfg.rabbitmq, node_id).await?,
         )),
-        other => Err(BrokerError::Other(format!(
-            "unknown broker kind {other:?} (expected \"inprocess\" or \"rabbitmq\")"
-        ))),
     }
 }

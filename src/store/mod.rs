@@ -408,17 +408,14 @@ impl Stores {
 
 /// Opens the configured backend.
 pub async fn open(cfg: &StoreConfig) -> Result<Stores, StoreError> {
-    match cfg.kind.as_str() {
-        "sqlite" => {
+    match cfg.kind {
+        crate::config::StoreKind::Sqlite => {
             let s = sqlite::SqliteStore::open(&cfg.sqlite).await?;
             Ok(Stores::from_backend(Arc::new(s)))
         }
-        "mongodb" => {
+        crate::config::StoreKind::Mongodb => {
             let s = mongo::MongoStore::open(&cfg.mongodb).await?;
             Ok(Stores::from_backend(Arc::new(s)))
         }
-        other => Err(StoreError::Internal(format!(
-            "unknown store kind {other:?} (expected \"sqlite\" or \"mongodb\")"
-        ))),
     }
 }

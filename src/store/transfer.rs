@@ -328,10 +328,9 @@ where
 {
     let (tx, rx) = mpsc::channel(1024);
     let writer = tokio::task::spawn_blocking(move || write_lines(rx, out, progress));
-    let source = match cfg.kind.as_str() {
-        "sqlite" => sqlite_source(cfg, tx).await,
-        "mongodb" => mongo_source(cfg, tx).await,
-        other => Err(TransferError::Kind(other.to_owned())),
+    let source = match cfg.kind {
+        crate::config::StoreKind::Sqlite => sqlite_source(cfg, tx).await,
+        crate::config::StoreKind::Mongodb => mongo_source(cfg, tx).await,
     };
     let written = writer
         .await
@@ -692,10 +691,9 @@ where
 {
     let (tx, rx) = mpsc::channel(1024);
     let reader = tokio::task::spawn_blocking(move || read_lines(input, tx, size, progress));
-    let sunk = match cfg.kind.as_str() {
-        "sqlite" => sqlite_sink(cfg, rx).await,
-        "mongodb" => mongo_sink(cfg, rx).await,
-        other => Err(TransferError::Kind(other.to_owned())),
+    let sunk = match cfg.kind {
+        crate::config::StoreKind::Sqlite => sqlite_sink(cfg, rx).await,
+        crate::config::StoreKind::Mongodb => mongo_sink(cfg, rx).await,
     };
     // The reader stops by itself once the sink drops its end.
     let _ = reader.await;
