@@ -98,6 +98,29 @@ async fn half_a_body_gets_408_and_a_close() {
 }
 
 #[tokio::test]
+async fn a_request_in_progress_is_not_idle() {
+    // The handler waits for the body longer than the idle timeout: the
+    // body timeout answers, the idle timeout does not cut it short.
+    let app = spawn_app_with(|s| {
+        s.http.idle_timeout_secs = 1;
+        s.http.body_read_timeout_secs = 2;
+    })
+    .await;
+    let mut tcp = connect(&app).await;
+    tcp.write_all(
+        b"POST /api/v1/auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    let (got, took) = read_to_close(&mut tcp).await;
+    assert!(got.starts_with("HTTP/1.1 408"), "{got}");
+    assert!(
+        took >= Duration::from_millis(1500),
+        "answered after {took:?}"
+    );
+}
+
+#[tokio::test]
 async fn idle_connections_are_closed() {
     let app = spawn_app_with(|s| {
         s.http.idle_timeout_secs = 1;

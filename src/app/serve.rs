@@ -241,8 +241,16 @@ impl Activity {
         self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
     }
 
+    /// When to look again: `idle` after the last bytes moved, or (when that
+    /// is past, with a request in progress) `idle` from now.
     fn idle_deadline(&self, idle: Duration) -> Instant {
-        self.last() + idle
+        let at = self.last() + idle;
+        let now = Instant::now();
+        if at <= now {
+            now + idle
+        } else {
+            at
+        }
     }
 
     fn is_idle(&self, idle: Duration) -> bool {
