@@ -29,7 +29,7 @@ fn mongo_uri() -> Option<String> {
 /// A config for a fresh, uniquely named database on the server under test.
 fn mongo_cfg(uri: &str) -> StoreConfig {
     let mut cfg = Settings::defaults().store;
-    cfg.kind = "mongodb".into();
+    cfg.kind = chatd::config::StoreKind::Mongodb;
     cfg.mongodb.uri = uri.to_owned();
     cfg.mongodb.database = format!(
         "chatd_test_{}",
