@@ -139,12 +139,7 @@ impl Application {
         }
         hub.rooms.clear();
         hub.pipelines.close();
-        if tokio::time::timeout(Duration::from_secs(30), hub.pipelines.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("room pipelines did not drain in 30 s");
-        }
+        crate::socket::drain(&hub.pipelines, "shutdown").await;
         hub.publish(
             crate::broker::Route::AllNodes,
             crate::broker::Event::NodeLeft {

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod error;
 pub mod health;
 pub mod rooms;
+pub(crate) mod socket;
 pub mod socketio;
 pub mod users;
 pub mod web;
@@ -228,10 +229,13 @@ async fn openapi_json() -> Result<impl IntoResponse, Error> {
 pub fn router(state: AppState) -> Router {
     let max_body = state.hub.settings.http.max_body_bytes;
     let (routes, _) = routes().split_for_parts();
+    // One registry for the node's `/ws` and Socket.IO sockets (per-user cap).
+    let sockets = crate::socket::SocketRegistry::new();
     routes
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
-        .layer(socketio::layer(state.clone()))
+        .layer(socketio::layer(state.clone(), sockets.clone()))
+        .layer(axum::Extension(sockets))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
