@@ -112,7 +112,7 @@ pub enum Event {
     SessionReport {
         request_id: String,
         node: String,
-        sessions: Vec<crate::actors::session::SessionInfo>,
+        sessions: Vec<crate::cluster::wire::SessionInfo>,
     },
     /// Close every socket of a user.
     Disconnect { user_id: UserId },
@@ -148,6 +148,39 @@ pub struct NotifyJob {
     pub sender_id: UserId,
     pub recipients: Vec<UserId>,
     pub created_at: String,
+}
+
+/// The broker backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BrokerKind {
+    /// Queues in this process: this node is the whole cluster.
+    InProcess,
+    /// RabbitMQ: a cluster of nodes.
+    RabbitMq,
+}
+
+impl BrokerKind {
+    /// The name used in config, logs and `/healthz`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerKind::InProcess => "inprocess",
+            BrokerKind::RabbitMq => "rabbitmq",
+        }
+    }
+
+    /// Whether other nodes may exist (events can cross processes).
+    pub fn spans_nodes(self) -> bool {
+        self != BrokerKind::InProcess
+    }
+
+    /// The kind a config name (`[broker] kind`) stands for.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "inprocess" | "in-process" | "memory" => Some(BrokerKind::InProcess),
+            "rabbitmq" | "amqp" => Some(BrokerKind::RabbitMq),
+            _ => None,
+        }
+    }
 }
 
 /// Broker failures.
@@ -234,8 +267,12 @@ pub trait Broker: Send + Sync {
     async fn consume(&self, queue: Queue) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
     /// Connected and able to publish.
     fn is_ready(&self) -> bool;
-    /// Backend name.
-    fn kind(&self) -> &'static str;
+    /// Which backend this is.
+    fn backend(&self) -> BrokerKind;
+    /// Backend name (for logs and `/healthz`).
+    fn kind(&self) -> &'static str {
+        self.backend().as_str()
+    }
     /// Counts the backend's (re)connections: a change means the node may
     /// have missed events meanwhile. Constant for backends that never drop.
     fn epoch(&self) -> u64 {
@@ -250,13 +287,14 @@ pub async fn open(
     cfg: &crate::config::BrokerConfig,
     node_id: &str,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
-    match cfg.kind.as_str() {
-        "inprocess" | "in-process" | "memory" => Ok(Arc::new(inprocess::InProcess::new(node_id))),
-        "rabbitmq" | "amqp" => Ok(Arc::new(
+    match BrokerKind::parse(&cfg.kind) {
+        Some(BrokerKind::InProcess) => Ok(Arc::new(inprocess::InProcess::new(node_id))),
+        Some(BrokerKind::RabbitMq) => Ok(Arc::new(
             rabbitmq::RabbitMq::open(&cfg.rabbitmq, node_id).await?,
         )),
-        other => Err(BrokerError::Other(format!(
-            "unknown broker kind {other:?} (expected \"inprocess\" or \"rabbitmq\")"
+        None => Err(BrokerError::Other(format!(
+            "unknown broker kind {:?} (expected \"inprocess\" or \"rabbitmq\")",
+            cfg.kind
         ))),
     }
 }
