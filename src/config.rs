@@ -88,19 +88,24 @@ impl StoreKind {
 pub enum BrokerKind {
     /// One node, events stay in the process.
     #[serde(alias = "in-process", alias = "memory")]
-    Inprocess,
+    InProcess,
     /// A cluster over RabbitMQ (`broker.rabbitmq`).
     #[serde(alias = "amqp")]
-    Rabbitmq,
+    RabbitMq,
 }
 
 impl BrokerKind {
     /// The name used in config files and the environment.
     pub fn as_str(self) -> &'static str {
         match self {
-            Self::Inprocess => "inprocess",
-            Self::Rabbitmq => "rabbitmq",
+            Self::InProcess => "inprocess",
+            Self::RabbitMq => "rabbitmq",
         }
+    }
+
+    /// Whether other nodes may exist (events can cross processes).
+    pub fn spans_nodes(self) -> bool {
+        self != Self::InProcess
     }
 }
 
@@ -417,7 +422,7 @@ mod tests {
     fn defaults_parse() {
         let s = Settings::defaults();
         assert_eq!(s.store.kind, StoreKind::Sqlite);
-        assert_eq!(s.broker.kind, BrokerKind::Inprocess);
+        assert_eq!(s.broker.kind, BrokerKind::InProcess);
         assert_eq!(s.node.role, NodeRole::All);
         assert_eq!(s.limits.body_max, 4000);
         assert!(s.admin.usernames.is_empty());
@@ -469,7 +474,7 @@ mod tests {
             jail.set_env("CHAT__NODE__ROLE", "notifier");
             let s = Settings::load(None).unwrap();
             assert_eq!(s.store.kind, StoreKind::Mongodb);
-            assert_eq!(s.broker.kind, BrokerKind::Rabbitmq);
+            assert_eq!(s.broker.kind, BrokerKind::RabbitMq);
             assert_eq!(s.node.role, NodeRole::Notifier);
             for (var, value, key) in [
                 ("CHAT__STORE__KIND", "postgres", "store.kind"),

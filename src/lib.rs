@@ -17,6 +17,8 @@
 //! - [`actors`]: the ractor tree: root supervisor, session supervisor with a
 //!   `UserSession` per connected user, room supervisor with a `Room` per
 //!   active room (store → ack → fan-out pipeline), the broker bridge.
+//! - [`cluster`]: the node table, the user → node directory, the `Presence`
+//!   view, and the wire types the bus carries.
 //! - [`protocol`]: the WebSocket frames of the contract.
 //! - [`socket`]: a socket's bounded outbound queue, its closer and the close
 //!   codes, shared by actors and api.
@@ -33,6 +35,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod notify;

@@ -105,19 +105,9 @@ async fn heartbeat(hub: &Hub) {
     )
     .await;
     // Nodes silent for too long are gone: their users are offline.
-    let timeout = i64::try_from(hub.settings.cluster.node_timeout_secs).unwrap_or(i64::MAX);
-    let now = chrono::Utc::now();
-    let dead: Vec<String> = hub
+    let dead = hub
         .nodes
-        .iter()
-        .filter(|n| n.id != hub.node_id)
-        .filter(|n| {
-            chrono::DateTime::parse_from_rfc3339(&n.last_heartbeat)
-                .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds() >= timeout)
-                .unwrap_or(true)
-        })
-        .map(|n| n.id.clone())
-        .collect();
+        .silent(&hub.node_id, hub.settings.cluster.node_timeout_secs);
     for node in dead {
         tracing::warn!(node = %node, "node missed its heartbeats; its sessions count as gone");
         node_gone(hub, &node).await;
@@ -126,6 +116,7 @@ async fn heartbeat(hub: &Hub) {
 
 async fn node_gone(hub: &Hub, node: &str) {
     hub.nodes.remove(node);
+    hub.fanout.forget_node(node);
     for (user, online) in hub.directory.replace_node(node, &[]) {
         let now = now_rfc3339();
         // The dead node cannot record `last_seen`; the survivors do.
@@ -175,10 +166,10 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
     let from = &d.envelope.from;
     if from != &hub.node_id
         && !matches!(d.envelope.event, Event::NodeLeft { .. })
-        && !hub.nodes.contains_key(from)
+        && hub.nodes.track(from)
     {
         // A node heard of before its first heartbeat (its presence events
-        // fill the directory): track it now, so that it times out if it
+        // fill the directory): tracked from now, so that it times out if it
         // dies before that heartbeat. It may also be a node this one had
         // counted as gone (a backlog delayed its heartbeats) and stopped
         // routing to meanwhile: its sessions settle from the store.
@@ -189,17 +180,6 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             },
         )
         .await;
-        hub.nodes.insert(
-            from.clone(),
-            NodeInfo {
-                id: from.clone(),
-                address: String::new(),
-                started_at: String::new(),
-                last_heartbeat: now_rfc3339(),
-                sessions: 0,
-                rooms: 0,
-            },
-        );
     }
     match &d.envelope.event {
         Event::Deliver {
@@ -208,19 +188,17 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             seq,
             exclude,
             frame,
-        } => {
-            let frame = crate::protocol::Frame::from(frame.clone());
-            for u in users {
-                if let Some(s) = hub.sessions.get(u) {
-                    let _ = s.cast(SessionMsg::Deliver {
-                        room_id: room_id.clone(),
-                        seq: *seq,
-                        exclude: exclude.clone(),
-                        frame: frame.clone(),
-                    });
-                }
-            }
-        }
+        } => super::fanout::deliver_local(
+            hub,
+            &[crate::broker::DeliverItem {
+                users: users.clone(),
+                room_id: room_id.clone(),
+                seq: *seq,
+                exclude: exclude.clone(),
+                frame: frame.clone(),
+            }],
+        ),
+        Event::DeliverBatch { items } => super::fanout::deliver_local(hub, items),
         Event::Presence {
             user_id,
             node,
@@ -272,7 +250,9 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             }
         }
         Event::Resync { node } => {
-            tracing::info!(node = %node, "a node reconnected to the broker; sessions re-read the store");
+            // Sent after a broker reconnection, or when the fan-out dropped
+            // deliveries for this node (broker slow or away).
+            tracing::debug!(node = %node, "resync asked; sessions re-read the store");
             settle_sessions(hub);
         }
         Event::Disconnect { user_id } => {

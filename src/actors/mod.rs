@@ -8,16 +8,17 @@
 //! ```
 //!
 //! [`Hub`] is the shared context every actor and socket task holds: config,
-//! store, broker, the registries of live actors, and the cluster directory.
+//! store, broker, the fan-out, the registries of live actors, and the
+//! cluster's node table and directory ([`crate::cluster`]).
 
 pub mod bridge;
+pub mod fanout;
 pub mod room;
 pub mod room_sup;
 pub mod root;
 pub mod session;
 pub mod session_sup;
 
-use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -27,7 +28,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::cluster::{Directory, NodeInfo};
+
 use crate::broker::{Broker, Envelope, Event, Route};
+use crate::cluster::{NodeTable, Presence};
 use crate::config::Settings;
 use crate::domain::{RoomId, Seq, SessionId, UserId};
 use crate::protocol::Frame;
@@ -37,81 +41,6 @@ use crate::store::Stores;
 /// How long a caller waits on an actor's answer.
 pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Which nodes hold sockets of which users, cluster-wide (this node's own
-/// entries included). Kept fresh by presence events and heartbeats.
-#[derive(Default)]
-pub struct Directory {
-    users: DashMap<UserId, BTreeSet<String>>,
-}
-
-impl Directory {
-    /// Records that `node` does (or no longer does) hold `user`. Returns
-    /// whether the user's cluster-wide online state changed.
-    pub fn set(&self, user: &UserId, node: &str, online: bool) -> bool {
-        if online {
-            let mut e = self.users.entry(user.clone()).or_default();
-            let was = !e.is_empty();
-            e.insert(node.to_owned());
-            !was
-        } else {
-            let mut changed = false;
-            self.users.remove_if_mut(user, |_, nodes| {
-                let was = !nodes.is_empty();
-                nodes.remove(node);
-                changed = was && nodes.is_empty();
-                nodes.is_empty()
-            });
-            changed
-        }
-    }
-
-    /// Whether any node holds a socket of the user.
-    pub fn is_online(&self, user: &UserId) -> bool {
-        self.users.get(user).is_some_and(|n| !n.is_empty())
-    }
-
-    /// Calls `f` for every node other than `own` that holds the user.
-    pub fn for_each_remote(&self, user: &UserId, own: &str, mut f: impl FnMut(&str)) {
-        if let Some(nodes) = self.users.get(user) {
-            for n in nodes.iter().filter(|n| n.as_str() != own) {
-                f(n);
-            }
-        }
-    }
-
-    /// Nodes holding the user.
-    pub fn nodes_of(&self, user: &UserId) -> Vec<String> {
-        self.users
-            .get(user)
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Replaces what `node` holds by `users` (a heartbeat); returns users
-    /// whose online state changed, with their new state.
-    pub fn replace_node(&self, node: &str, users: &[UserId]) -> Vec<(UserId, bool)> {
-        let mut changed = Vec::new();
-        let now: std::collections::HashSet<&UserId> = users.iter().collect();
-        let stale: Vec<UserId> = self
-            .users
-            .iter()
-            .filter(|e| e.value().contains(node) && !now.contains(e.key()))
-            .map(|e| e.key().clone())
-            .collect();
-        for u in stale {
-            if self.set(&u, node, false) {
-                changed.push((u, false));
-            }
-        }
-        for u in users {
-            if self.set(u, node, true) {
-                changed.push((u.clone(), true));
-            }
-        }
-        changed
-    }
-}
-
 /// Shared context of a node.
 pub struct Hub {
     pub node_id: String,
@@ -120,6 +49,8 @@ pub struct Hub {
     pub settings: Arc<Settings>,
     pub stores: Stores,
     pub broker: Arc<dyn Broker>,
+    /// Where frames and notification jobs go (never waits for the broker).
+    pub fanout: fanout::Fanout,
     /// Local session actors by user.
     pub sessions: DashMap<UserId, ActorRef<session::SessionMsg>>,
     /// Open sockets of local users; a restarted session actor adopts them.
@@ -128,7 +59,7 @@ pub struct Hub {
     pub rooms: DashMap<RoomId, ActorRef<room::RoomMsg>>,
     pub directory: Directory,
     /// Known nodes (this one included), for the cluster view.
-    pub nodes: DashMap<String, NodeInfo>,
+    pub nodes: NodeTable,
     /// Cancelled when the node shuts down: sockets stop reading.
     pub shutdown: CancellationToken,
     /// Room pipelines in flight; shutdown waits for them.
@@ -137,20 +68,10 @@ pub struct Hub {
     pub(crate) room_sup: RwLock<Option<ActorRef<room_sup::RoomSupMsg>>>,
     pub(crate) broker_down: AtomicBool,
     /// Admin session queries waiting for other nodes' reports.
-    pub admin_queries: DashMap<String, mpsc::UnboundedSender<(String, Vec<session::SessionInfo>)>>,
+    pub admin_queries:
+        DashMap<String, mpsc::UnboundedSender<(String, Vec<crate::cluster::SessionInfo>)>>,
     /// The root supervisor, for the admin tree.
     pub root: OnceLock<ractor::ActorCell>,
-}
-
-/// One node as seen in the cluster view.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct NodeInfo {
-    pub id: String,
-    pub address: String,
-    pub started_at: String,
-    pub last_heartbeat: String,
-    pub sessions: usize,
-    pub rooms: usize,
 }
 
 /// What may go wrong when asking an actor.
@@ -172,6 +93,7 @@ impl Hub {
         broker: Arc<dyn Broker>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            fanout: fanout::Fanout::new(node_id.clone(), broker.clone()),
             node_id,
             address,
             started_at: crate::domain::now_rfc3339(),
@@ -182,7 +104,7 @@ impl Hub {
             sockets: DashMap::new(),
             rooms: DashMap::new(),
             directory: Directory::default(),
-            nodes: DashMap::new(),
+            nodes: NodeTable::default(),
             shutdown: CancellationToken::new(),
             pipelines: TaskTracker::new(),
             session_sup: RwLock::new(None),
@@ -268,9 +190,9 @@ impl Hub {
     }
 
     /// Delivers a frame to `users`: local sessions directly, other nodes
-    /// once per node through the broker. Returns the users that have no
-    /// socket anywhere in the cluster.
-    pub async fn deliver(
+    /// once per node through the fan-out (never waiting for the broker).
+    /// Returns the users that have no socket anywhere in the cluster.
+    pub fn deliver(
         &self,
         users: &[UserId],
         room_id: &RoomId,
@@ -278,41 +200,9 @@ impl Hub {
         exclude: Option<&SessionId>,
         frame: &Frame,
     ) -> Vec<UserId> {
-        let mut remote: HashMap<String, Vec<UserId>> = HashMap::new();
-        let mut offline = Vec::new();
-        for u in users {
-            let mut reached = false;
-            if let Some(s) = self.sessions.get(u) {
-                let _ = s.cast(session::SessionMsg::Deliver {
-                    room_id: room_id.clone(),
-                    seq,
-                    exclude: exclude.cloned(),
-                    frame: frame.clone(),
-                });
-                reached = true;
-            }
-            self.directory.for_each_remote(u, &self.node_id, |n| {
-                remote.entry(n.to_owned()).or_default().push(u.clone());
-                reached = true;
-            });
-            if !reached {
-                offline.push(u.clone());
-            }
-        }
-        for (node, users) in remote {
-            metrics::counter!("chatd_broker_deliver_published_total").increment(1);
-            self.publish(
-                Route::Node(node),
-                Event::Deliver {
-                    users,
-                    room_id: room_id.clone(),
-                    seq,
-                    exclude: exclude.cloned(),
-                    frame: frame.as_str().to_owned(),
-                },
-            )
-            .await;
-        }
+        let mut batch = fanout::Batch::new(self);
+        let offline = batch.add(users, room_id, seq, exclude, frame);
+        batch.send();
         offline
     }
 
@@ -381,7 +271,10 @@ impl Hub {
     }
 
     /// The admin view of the user's session actor on this node, if any.
-    pub async fn inspect_local_session(&self, user: &UserId) -> Option<session::SessionInfo> {
+    pub async fn inspect_local_session(
+        &self,
+        user: &UserId,
+    ) -> Option<crate::cluster::SessionInfo> {
         let s = self.sessions.get(user).map(|s| s.clone())?;
         match s
             .call(session::SessionMsg::Inspect, Some(CALL_TIMEOUT))
@@ -399,8 +292,8 @@ impl Hub {
         &self,
         user: &UserId,
         wait: std::time::Duration,
-    ) -> (Vec<session::SessionInfo>, Vec<String>) {
-        let mut out: Vec<session::SessionInfo> =
+    ) -> (Vec<crate::cluster::SessionInfo>, Vec<String>) {
+        let mut out: Vec<crate::cluster::SessionInfo> =
             self.inspect_local_session(user).await.into_iter().collect();
         let mut waiting: std::collections::BTreeSet<String> = self
             .directory
@@ -439,8 +332,49 @@ impl Hub {
         (out, waiting.into_iter().collect())
     }
 
+    /// Closes every socket of `user` on every node (an operator's request).
+    pub async fn disconnect_everywhere(&self, user: &UserId) {
+        let local = self.sessions.get(user).map(|s| s.clone());
+        if let Some(s) = local {
+            let _ = s.cast(session::SessionMsg::Disconnect);
+        }
+        self.publish(
+            Route::AllNodes,
+            Event::Disconnect {
+                user_id: user.clone(),
+            },
+        )
+        .await;
+    }
+
     /// Whether the user counts as an admin.
     pub fn is_admin(&self, username: &str) -> bool {
         self.settings.admin.usernames.iter().any(|u| u == username)
+    }
+}
+
+impl Presence for Hub {
+    fn is_online(&self, user: &UserId) -> bool {
+        // This node's own sessions count at once; the directory learns of
+        // them when the presence event comes back from the bus.
+        self.sessions.contains_key(user) || self.directory.is_online(user)
+    }
+
+    fn nodes_of(&self, user: &UserId) -> Vec<String> {
+        self.directory.nodes_of(user)
+    }
+}
+
+impl From<Arc<Hub>> for crate::notify::Services {
+    fn from(hub: Arc<Hub>) -> Self {
+        Self {
+            node_id: hub.node_id.clone(),
+            settings: hub.settings.clone(),
+            stores: hub.stores.clone(),
+            broker: hub.broker.clone(),
+            supervisor: hub.root.get().cloned(),
+            shutdown: hub.shutdown.clone(),
+            presence: hub,
+        }
     }
 }

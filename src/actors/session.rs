@@ -12,7 +12,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::Serialize;
 
 use super::Hub;
 use crate::broker::{Event, Route};
@@ -52,23 +51,7 @@ pub enum SessionMsg {
     Inspect(RpcReplyPort<SessionInfo>),
 }
 
-/// The admin view of a session actor.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct SessionInfo {
-    pub node: String,
-    pub user_id: UserId,
-    pub connected_at: String,
-    pub presence: String,
-    pub devices: Vec<DeviceInfo>,
-}
-
-/// One socket in the admin view.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct DeviceInfo {
-    pub session_id: SessionId,
-    pub connected_at: String,
-    pub queued_frames: usize,
-}
+pub use crate::cluster::{DeviceInfo, SessionInfo};
 
 /// Actor state.
 pub struct SessionState {
@@ -141,7 +124,7 @@ impl Actor for SessionActor {
                 if first {
                     st.announced_online = true;
                     announce(st, true, None).await;
-                    if st.hub.broker.kind() != "inprocess" {
+                    if st.hub.broker.backend().spans_nodes() {
                         // Other nodes route to this one once they processed
                         // the announcement; settle after that.
                         let secs = st.hub.settings.cluster.heartbeat_secs.max(1);

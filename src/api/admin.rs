@@ -10,9 +10,8 @@ use utoipa_axum::routes;
 
 use super::{AdminUser, ApiResult, AppState, Error, ErrorBody, Json, Path};
 use crate::actors::room::RoomInfo;
-use crate::actors::session::{SessionInfo, SessionMsg};
-use crate::actors::{NodeInfo, CALL_TIMEOUT};
-use crate::broker::{Event, Route};
+use crate::actors::CALL_TIMEOUT;
+use crate::cluster::{NodeInfo, SessionInfo};
 use crate::domain::{RoomId, UserId};
 
 /// Admin routes.
@@ -42,7 +41,7 @@ struct Cluster {
     ))]
 async fn cluster(State(st): State<AppState>, _a: AdminUser) -> Json<Cluster> {
     let hub = &st.hub;
-    let mut nodes: Vec<NodeInfo> = hub.nodes.iter().map(|n| n.value().clone()).collect();
+    let mut nodes: Vec<NodeInfo> = hub.nodes.all();
     if !nodes.iter().any(|n| n.id == hub.node_id) {
         nodes.push(NodeInfo {
             id: hub.node_id.clone(),
@@ -222,13 +221,7 @@ async fn disconnect(
     Path(user): Path<String>,
 ) -> ApiResult<StatusCode> {
     let user = UserId::parse(&user).map_err(|_| Error::NotFound("no such user".into()))?;
-    let local = st.hub.sessions.get(&user).map(|s| s.clone());
-    if let Some(s) = local {
-        let _ = s.cast(SessionMsg::Disconnect);
-    }
-    st.hub
-        .publish(Route::AllNodes, Event::Disconnect { user_id: user })
-        .await;
+    st.hub.disconnect_everywhere(&user).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -9,6 +9,8 @@
 pub mod inprocess;
 pub mod rabbitmq;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -68,6 +70,10 @@ pub enum Event {
         /// The serialized frame, sent as is.
         frame: String,
     },
+    /// Frames for the local sessions of their users, handed out in this
+    /// order: what one room pipeline batch (or several, coalesced) delivers
+    /// to one node, in one publish.
+    DeliverBatch { items: Vec<DeliverItem> },
     /// A node gained the first or lost the last socket of a user.
     Presence {
         user_id: UserId,
@@ -106,13 +112,31 @@ pub enum Event {
     SessionReport {
         request_id: String,
         node: String,
-        sessions: Vec<crate::actors::session::SessionInfo>,
+        sessions: Vec<crate::cluster::wire::SessionInfo>,
     },
     /// Close every socket of a user.
     Disconnect { user_id: UserId },
     /// A message that some members did not receive live.
     Notify(NotifyJob),
 }
+
+/// One frame of an [`Event::DeliverBatch`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliverItem {
+    /// Recipients (those on the destination node get it).
+    pub users: Vec<UserId>,
+    pub room_id: RoomId,
+    /// Set for `message` frames (sessions keep per-room order with it).
+    pub seq: Option<Seq>,
+    /// The sending socket, which gets an ack instead of the echo.
+    pub exclude: Option<SessionId>,
+    /// The serialized frame, sent as is.
+    pub frame: String,
+}
+
+/// The outcome of a publish whose confirm is still on its way (see
+/// [`Broker::publish_start`]).
+pub type Confirm = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send>>;
 
 /// Work for the notification pool: one stored message and the recipients
 /// who had no live socket when it was fanned out.
@@ -125,6 +149,8 @@ pub struct NotifyJob {
     pub recipients: Vec<UserId>,
     pub created_at: String,
 }
+
+pub use crate::config::BrokerKind;
 
 /// Broker failures.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -193,12 +219,29 @@ pub trait Broker: Send + Sync {
     /// Publishes; returns once the backend has taken responsibility
     /// (publisher confirm on RabbitMQ).
     async fn publish(&self, route: Route, envelope: Envelope) -> Result<(), BrokerError>;
+    /// Hands the envelope to the backend and returns at once with its
+    /// confirm as a future: envelopes started one after the other from one
+    /// task reach a queue in that order, and their confirms may be awaited
+    /// later, several at a time (pipelined). The default waits for the
+    /// confirm before returning.
+    async fn publish_start(
+        &self,
+        route: Route,
+        envelope: Envelope,
+    ) -> Result<Confirm, BrokerError> {
+        let r = self.publish(route, envelope).await;
+        Ok(Box::pin(std::future::ready(r)))
+    }
     /// Starts consuming a queue. Each queue is consumed once per process.
     async fn consume(&self, queue: Queue) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
     /// Connected and able to publish.
     fn is_ready(&self) -> bool;
-    /// Backend name.
-    fn kind(&self) -> &'static str;
+    /// Which backend this is.
+    fn backend(&self) -> BrokerKind;
+    /// Backend name (for logs and `/healthz`).
+    fn kind(&self) -> &'static str {
+        self.backend().as_str()
+    }
     /// Counts the backend's (re)connections: a change means the node may
     /// have missed events meanwhile. Constant for backends that never drop.
     fn epoch(&self) -> u64 {
@@ -214,8 +257,8 @@ pub async fn open(
     node_id: &str,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
     match cfg.kind {
-        crate::config::BrokerKind::Inprocess => Ok(Arc::new(inprocess::InProcess::new(node_id))),
-        crate::config::BrokerKind::Rabbitmq => Ok(Arc::new(
+        BrokerKind::InProcess => Ok(Arc::new(inprocess::InProcess::new(node_id))),
+        BrokerKind::RabbitMq => Ok(Arc::new(
             rabbitmq::RabbitMq::open(&cfg.rabbitmq, node_id).await?,
         )),
     }
