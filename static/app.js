@@ -457,7 +457,12 @@
   // Insert a message into its room, by seq, dropping duplicates. True if new.
   function insertMessage(m) {
     const c = cacheFor(m.room_id);
-    if (c.byId.has(m.id) || c.bySeq.has(m.seq)) return false;
+    if (c.byId.has(m.id) || c.bySeq.has(m.seq)) {
+      // A later copy is the message's current state: its attachments win.
+      const old = c.byId.get(m.id);
+      if (old && Array.isArray(m.attachments)) old.attachments = m.attachments;
+      return false;
+    }
     c.byId.set(m.id, m);
     c.bySeq.set(m.seq, m);
     const list = c.list;
