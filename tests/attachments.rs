@@ -543,3 +543,91 @@ async fn unattached_uploads_are_swept() {
     let r = download(&app, &alice.token, &kept, &[]).await;
     assert_eq!(r.status().as_u16(), 200, "an attached file stays");
 }
+
+/// The MongoDB URI under test, or `None` to skip; panics when
+/// `CHAT_REQUIRE_MONGODB=1` and no URI is given.
+fn mongo_uri() -> Option<String> {
+    match std::env::var("CHAT_TEST_MONGODB_URI") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var("CHAT_REQUIRE_MONGODB").as_deref() != Ok("1"),
+                "CHAT_REQUIRE_MONGODB=1 but CHAT_TEST_MONGODB_URI is not set"
+            );
+            eprintln!("CHAT_TEST_MONGODB_URI is not set: MongoDB test skipped");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mongodb_every_node_serves_every_attachment() {
+    let Some(uri) = mongo_uri() else { return };
+    let db = format!(
+        "chatd_att_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let mongo = |s: &mut chatd::config::Settings| {
+        s.store.kind = "mongodb".into();
+        s.store.mongodb.uri = uri.clone();
+        s.store.mongodb.database = db.clone();
+    };
+    let n1 = spawn_app_with(mongo).await;
+    let n2 = spawn_app_with(mongo).await;
+    let (alice, bob) = (n1.register("al").await, n1.register("bo").await);
+    let room = n1.direct(&alice, &bob).await;
+    let img = png(4, 3);
+    let (s, a) = upload(
+        &n1,
+        &alice.token,
+        &room,
+        "p.png",
+        Some("image/png"),
+        img.clone(),
+    )
+    .await;
+    assert_eq!(s, 201, "{a}");
+    assert_eq!(
+        (a["width"].as_u64(), a["height"].as_u64()),
+        (Some(4), Some(3))
+    );
+    let id = a["id"].as_str().unwrap().to_owned();
+    let r = download(&n2, &alice.token, &id, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        header(&r, "etag"),
+        format!("\"{}\"", a["sha256"].as_str().unwrap())
+    );
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img);
+    let r = download(&n2, &alice.token, &id, &[("range", "bytes=8-15")]).await;
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img[8..16]);
+    // Bound to a message on one node, readable by the room's members on the other.
+    let store = blobs::gridfs::GridFsBlobStore::open(&n1.hub.settings.store.mongodb)
+        .await
+        .unwrap();
+    blobs::attach_to_message(
+        &store,
+        &[AttachmentId::parse(&id).unwrap()],
+        &RoomId::parse(&room).unwrap(),
+        &MessageId::generate(),
+        &UserId::parse(&alice.id).unwrap(),
+    )
+    .await
+    .unwrap();
+    let r = download(&n2, &bob.token, &id, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img);
+    let (s, v) = upload(&n2, &alice.token, &room, "e", None, vec![]).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("empty_attachment"))
+    );
+    mongodb::Client::with_uri_str(&uri)
+        .await
+        .unwrap()
+        .database(&db)
+        .drop()
+        .await
+        .unwrap();
+}
