@@ -631,3 +631,41 @@ async fn with_mongodb_every_node_serves_every_attachment() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_upload_cut_off_leaves_no_partial_file() {
+    let app = spawn_app().await;
+    let (alice, bob) = (app.register("al").await, app.register("bo").await);
+    let room = app.direct(&alice, &bob).await;
+    let tmp = app.dir.path().join("attachments").join("tmp");
+    let parts = || std::fs::read_dir(&tmp).unwrap().count();
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/rooms/{room}/attachments?filename=cut.bin HTTP/1.1\r\nHost: t\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 2000000\r\n\r\n",
+        alice.token
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b'x'; 600 * 1024]).await.unwrap();
+    stream.flush().await.unwrap();
+    // The upload is being written ...
+    let deadline = Instant::now() + WAIT;
+    while parts() == 0 {
+        assert!(Instant::now() < deadline, "no partial file appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... when the client goes away.
+    drop(stream);
+    let deadline = Instant::now() + WAIT;
+    while parts() > 0 {
+        assert!(Instant::now() < deadline, "the partial file stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = blob_store(&app).await;
+    assert!(s
+        .unattached_before("9999-12-31T23:59:59.999Z", 10)
+        .await
+        .unwrap()
+        .is_empty());
+}
