@@ -32,6 +32,8 @@ pub enum StartError {
     Actors(String),
     #[error(transparent)]
     Notify(#[from] crate::notify::StartError),
+    #[error("attachments: {0}")]
+    Blobs(#[from] crate::blobs::BlobError),
 }
 
 /// A built node, bound and ready to serve.
@@ -67,6 +69,7 @@ impl Application {
             .map_err(StartError::Secret)?;
         let stores = crate::store::open(&settings.store).await?;
         let broker = crate::broker::open(&settings.broker, &node_id).await?;
+        let blobs = crate::blobs::open(&settings).await?;
         let hub = Hub::new(settings.clone(), node_id, addr.to_string(), stores, broker);
         let (root, root_handle) = root::start(hub.clone())
             .await
@@ -79,12 +82,17 @@ impl Application {
         ) {
             background.push(crate::notify::start(hub.clone()).await?);
         }
+        background.push(crate::blobs::sweeper::start(
+            blobs.clone(),
+            Duration::from_secs(settings.limits.attachment_unattached_ttl_secs),
+            hub.shutdown.clone(),
+        ));
         let auth = AuthService::new(&settings.auth, &secret);
         tracing::info!(node = %hub.node_id, %addr, store = hub.stores.health.backend(), broker = hub.broker.kind(), "chatd started");
         Ok(Self {
             listener,
             addr,
-            state: AppState { hub, auth },
+            state: AppState { hub, auth, blobs },
             root,
             root_handle,
             background,

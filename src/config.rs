@@ -452,6 +452,19 @@ mod tests {
     }
 
     #[test]
+    fn attachment_limits_default_and_come_from_env() {
+        let d = Settings::defaults();
+        assert_eq!(d.limits.attachment_max_bytes, 25 * 1024 * 1024);
+        assert_eq!(d.limits.attachment_unattached_ttl_secs, 86_400);
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CHAT__LIMITS__ATTACHMENT_MAX_BYTES", "1048576");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.limits.attachment_max_bytes, 1_048_576);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn file_layer_sits_between() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -8,6 +8,7 @@
 //! registration as the router and cannot drift from it.
 
 pub mod admin;
+pub mod attachments;
 pub mod auth;
 pub mod error;
 pub mod health;
@@ -39,6 +40,8 @@ use crate::auth::{AuthService, AuthUser};
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub auth: Arc<AuthService>,
+    /// Attachment bytes and metadata.
+    pub blobs: Arc<dyn crate::blobs::BlobStore>,
 }
 
 /// `axum::Json` whose rejections are the contract's errors.
@@ -195,7 +198,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
     let api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(users::router())
-        .merge(rooms::router());
+        .merge(rooms::router())
+        .merge(attachments::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .nest("/admin/v1", admin::router())
