@@ -568,7 +568,7 @@ async fn with_mongodb_every_node_serves_every_attachment() {
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
     let mongo = |s: &mut chatd::config::Settings| {
-        s.store.kind = "mongodb".into();
+        s.store.kind = chatd::config::StoreKind::Mongodb;
         s.store.mongodb.uri = uri.clone();
         s.store.mongodb.database = db.clone();
     };
