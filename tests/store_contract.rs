@@ -787,3 +787,40 @@ async fn sqlite_migrates_a_version_1_database_with_nothing_lost() {
         (3, 2, 4, 6)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_failed_migration_leaves_the_version_1_file_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    c.execute_batch(SCHEMA_V1).unwrap();
+    // A message whose sender does not exist cannot be keyed: refuse, lose nothing.
+    c.execute(
+        "INSERT INTO messages VALUES ('orphan', '019ad00000007000800000000000d001', 4,
+         'nobody', 'c9', 'lost?', '2026-01-01T00:09:00.000Z')",
+        [],
+    )
+    .unwrap();
+    drop(c);
+    let mut cfg = Settings::defaults().store;
+    cfg.sqlite.path = path.to_string_lossy().into_owned();
+    let err = store::open(&cfg).await.err().expect("must refuse");
+    assert!(err.to_string().contains("orphan"), "{err}");
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let (v, n, tables): (String, i64, String) = c
+        .query_row(
+            "SELECT (SELECT value FROM meta WHERE key = 'schema_version'),
+                    (SELECT COUNT(*) FROM messages WHERE room_id IS NOT NULL),
+                    (SELECT group_concat(name, ',') FROM
+                       (SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name))",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(v, "1");
+    assert_eq!(n, 6);
+    assert_eq!(
+        tables,
+        "blocks,devices,messages,meta,refresh_tokens,room_members,rooms,users"
+    );
+}
