@@ -824,3 +824,60 @@ async fn sqlite_a_failed_migration_leaves_the_version_1_file_as_it_was() {
         "blocks,devices,messages,meta,refresh_tokens,room_members,rooms,users"
     );
 }
+
+/// Two stores on one file (two writer threads, as two chatd processes
+/// sharing it) appending batches to one room: one gap-free seq, every id
+/// distinct, every resend a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_two_stores_on_one_file_share_one_gapless_seq() {
+    use chatd::domain::{ClientMsgId, MessageBody};
+    use chatd::store::NewMessage;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Settings::defaults().store;
+    cfg.sqlite.path = dir.path().join("two.db").to_string_lossy().into_owned();
+    let n1 = store::open(&cfg).await.unwrap();
+    let n2 = store::open(&cfg).await.unwrap();
+    let a = store::contract::make_user(&n1, "two").await;
+    let b = store::contract::make_user(&n2, "two").await;
+    let (room, _) = n1.rooms.create_direct(&a.id, &b.id).await.unwrap();
+    let batch = |i: usize| -> Vec<NewMessage> {
+        (0..8)
+            .map(|k| NewMessage {
+                room_id: room.id.clone(),
+                sender_id: if k % 2 == 0 {
+                    a.id.clone()
+                } else {
+                    b.id.clone()
+                },
+                client_msg_id: ClientMsgId::from_trusted(format!("n{i}-{k}")),
+                body: MessageBody::from_trusted("x".into()),
+            })
+            .collect()
+    };
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let s = if i % 2 == 0 { n1.clone() } else { n2.clone() };
+        let msgs = batch(i);
+        tasks.push(tokio::spawn(async move {
+            s.messages.append_batch(msgs).await.unwrap()
+        }));
+    }
+    let mut seqs = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    for t in tasks {
+        for r in t.await.unwrap() {
+            let r = r.unwrap();
+            assert!(!r.duplicate);
+            seqs.push(r.message.seq);
+            assert!(ids.insert(r.message.id));
+        }
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=320).collect::<Vec<_>>());
+    let again = n2.messages.append_batch(batch(7)).await.unwrap();
+    assert!(again.iter().all(|r| r.as_ref().unwrap().duplicate));
+    assert_eq!(
+        n1.rooms.room(&room.id).await.unwrap().unwrap().last_seq,
+        320
+    );
+}
