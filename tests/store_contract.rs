@@ -518,73 +518,8 @@ fn db_bytes(path: &std::path::Path) -> i64 {
     .unwrap()
 }
 
-/// The schema of chatd's SQLite store before version 2, as it shipped.
-const SCHEMA_V1: &str = r#"
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE users (
-    id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, email TEXT NOT NULL UNIQUE,
-    display_name TEXT, password_hash TEXT NOT NULL, created_at TEXT NOT NULL, last_seen TEXT,
-    notify_push INTEGER NOT NULL DEFAULT 1, notify_email INTEGER NOT NULL DEFAULT 1
-);
-CREATE TABLE refresh_tokens (
-    hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, family_id TEXT NOT NULL,
-    expires_at INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX refresh_tokens_family ON refresh_tokens(family_id);
-CREATE TABLE devices (
-    token TEXT PRIMARY KEY, user_id TEXT NOT NULL, platform TEXT NOT NULL, created_at TEXT NOT NULL
-);
-CREATE INDEX devices_user ON devices(user_id);
-CREATE TABLE blocks (
-    blocker_id TEXT NOT NULL, blocked_id TEXT NOT NULL, created_at TEXT NOT NULL,
-    PRIMARY KEY (blocker_id, blocked_id)
-);
-CREATE INDEX blocks_blocked ON blocks(blocked_id);
-CREATE TABLE rooms (
-    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, direct_key TEXT UNIQUE,
-    created_at TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE room_members (
-    room_id TEXT NOT NULL, user_id TEXT NOT NULL, role TEXT NOT NULL,
-    delivered_seq INTEGER NOT NULL DEFAULT 0, read_seq INTEGER NOT NULL DEFAULT 0,
-    joined_at TEXT NOT NULL, PRIMARY KEY (room_id, user_id)
-);
-CREATE INDEX room_members_user ON room_members(user_id);
-CREATE TABLE messages (
-    id TEXT PRIMARY KEY, room_id TEXT NOT NULL, seq INTEGER NOT NULL, sender_id TEXT NOT NULL,
-    client_msg_id TEXT NOT NULL, body TEXT NOT NULL, created_at TEXT NOT NULL,
-    UNIQUE (room_id, seq), UNIQUE (room_id, sender_id, client_msg_id)
-);
-INSERT INTO meta VALUES ('schema_version', '1'), ('backend', 'sqlite');
-INSERT INTO users(id, username, email, display_name, password_hash, created_at) VALUES
-    ('019ad0000000700080000000000000a1', 'alice', 'alice@example.com', 'Alice', '$argon2id$a', '2026-01-01T00:00:00.000Z'),
-    ('019ad0000000700080000000000000b2', 'bob', 'bob@example.com', NULL, '$argon2id$b', '2026-01-01T00:00:01.000Z'),
-    ('019ad0000000700080000000000000c3', 'carol', 'carol@example.com', NULL, '$argon2id$c', '2026-01-01T00:00:02.000Z');
-INSERT INTO rooms(id, kind, name, direct_key, created_at, last_seq) VALUES
-    ('019ad00000007000800000000000d001', 'direct', NULL,
-     '019ad0000000700080000000000000a1:019ad0000000700080000000000000b2', '2026-01-01T00:01:00.000Z', 3),
-    ('019ad00000007000800000000000e002', 'group', 'team', NULL, '2026-01-01T00:02:00.000Z', 2);
-INSERT INTO room_members VALUES
-    ('019ad00000007000800000000000d001', '019ad0000000700080000000000000a1', 'member', 3, 2, '2026-01-01T00:01:00.000Z'),
-    ('019ad00000007000800000000000d001', '019ad0000000700080000000000000b2', 'member', 1, 1, '2026-01-01T00:01:00.000Z'),
-    ('019ad00000007000800000000000e002', '019ad0000000700080000000000000a1', 'owner', 2, 2, '2026-01-01T00:02:00.000Z'),
-    ('019ad00000007000800000000000e002', '019ad0000000700080000000000000c3', 'admin', 0, 0, '2026-01-01T00:02:00.001Z');
-INSERT INTO messages VALUES
-    ('019ad0000000700080000000000f0001', '019ad00000007000800000000000d001', 1,
-     '019ad0000000700080000000000000a1', 'c1', 'hello 👋', '2026-01-01T00:03:00.123Z'),
-    ('m-legacy-2', '019ad00000007000800000000000d001', 2,
-     '019ad0000000700080000000000000b2', '6f9619ff-8b86-4d11-b42d-00c04fc964ff', 'hi', '2026-01-01T00:03:01Z'),
-    ('019ad0000000700080000000000f0003', '019ad00000007000800000000000d001', 3,
-     '019ad0000000700080000000000000a1', 'C-Upper', 'line one
-line "two"', '2026-01-01T00:03:02.000+01:00'),
-    ('019ad0000000700080000000000f0004', '019ad00000007000800000000000e002', 1,
-     '019ad0000000700080000000000000c3', 'c1', 'group one', '2026-01-01T00:04:00.000Z'),
-    ('019ad0000000700080000000000f0005', '019ad00000007000800000000000e002', 2,
-     '019ad0000000700080000000000000a1', 'c1', 'group two', '2026-01-01T00:04:01.000Z');
-INSERT INTO blocks VALUES ('019ad0000000700080000000000000c3', '019ad0000000700080000000000000b2', '2026-01-01T00:05:00.000Z');
-INSERT INTO devices VALUES ('tok-a', '019ad0000000700080000000000000a1', 'android', '2026-01-01T00:06:00.000Z');
-INSERT INTO refresh_tokens VALUES ('h1', '019ad0000000700080000000000000a1', 'fam', 4000000000, 0);
-"#;
+/// The schema of chatd's SQLite store before version 2, as it shipped, and rows.
+const SCHEMA_V1: &str = include_str!("fixtures/sqlite-schema-1.sql");
 
 /// Every message of a room, oldest first.
 async fn all_messages(s: &store::Stores, room: &str) -> Vec<store::Message> {
