@@ -346,11 +346,6 @@ impl Hub {
         )
         .await;
     }
-
-    /// Whether the user counts as an admin.
-    pub fn is_admin(&self, username: &str) -> bool {
-        self.settings.admin.usernames.iter().any(|u| u == username)
-    }
 }
 
 impl Presence for Hub {

@@ -125,7 +125,10 @@ impl FromRequestParts<AppState> for AdminUser {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let user = AuthUser::from_request_parts(parts, state).await?;
-        if !state.hub.is_admin(&user.username) {
+        // The role is read from the store on every admin call, so a grant
+        // or revoke takes effect at once on every node.
+        let stored = state.hub.stores.users.user(&user.id).await?;
+        if !stored.is_some_and(|u| u.admin) {
             return Err(Error::Forbidden("admin role required".into()));
         }
         Ok(AdminUser(user))

@@ -45,6 +45,28 @@ enum Command {
         #[arg(value_name = "INPUT")]
         input: Option<PathBuf>,
     },
+    /// The admin role of existing accounts, in the configured store (takes
+    /// effect at once on running nodes).
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Give USERNAME the admin role.
+    Grant {
+        /// An existing account's username.
+        username: String,
+    },
+    /// Take the admin role from USERNAME.
+    Revoke {
+        /// An existing account's username.
+        username: String,
+    },
+    /// List the accounts with the admin role.
+    List,
 }
 
 #[tokio::main]
@@ -52,8 +74,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let settings = chatd::Settings::load(cli.config.as_deref())?;
-    if let Some(cmd) = cli.command {
-        return transfer(cmd, &settings).await;
+    match cli.command {
+        Some(Command::Admin { action }) => return admin(action, &settings).await,
+        Some(cmd) => return transfer(cmd, &settings).await,
+        None => {}
     }
     chatd::telemetry::init_logs(settings.log.format == "json");
     // Everything runs on the runtime's workers; the main thread only waits.
@@ -92,8 +116,30 @@ async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()
         Command::Import { input: None } => {
             transfer::import(store, BufReader::new(std::io::stdin()), None, true).await?
         }
+        Command::Admin { .. } => unreachable!("handled in main"),
     };
     eprintln!("{counts} (the {} store)", store.kind);
+    Ok(())
+}
+
+async fn admin(action: AdminAction, settings: &chatd::Settings) -> anyhow::Result<()> {
+    let stores = chatd::store::open(&settings.store).await?;
+    let users = &*stores.users;
+    let (name, grant) = match action {
+        AdminAction::List => {
+            for u in users.admins().await? {
+                println!("{}", u.username.as_ref());
+            }
+            return Ok(());
+        }
+        AdminAction::Grant { username } => (username, true),
+        AdminAction::Revoke { username } => (username, false),
+    };
+    match chatd::roles::set(users, &name, grant).await? {
+        Some(u) if grant => println!("{} is an admin", u.username.as_ref()),
+        Some(u) => println!("{} is not an admin", u.username.as_ref()),
+        None => anyhow::bail!("no account named {name:?}"),
+    }
     Ok(())
 }
 

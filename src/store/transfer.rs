@@ -152,6 +152,9 @@ pub struct UserRec {
     pub last_seen: Option<String>,
     pub notify_push: bool,
     pub notify_email: bool,
+    /// The admin role (absent in exports made before roles existed).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A room with its seq counter.
@@ -486,6 +489,7 @@ async fn mongo_source(cfg: &StoreConfig, tx: Tx) -> Result<(), TransferError> {
             last_seen: d.last_seen,
             notify_push: d.notify_push,
             notify_email: d.notify_email,
+            admin: d.admin,
         })
     });
     each!(mongo::ROOMS, mongo::RoomDoc, doc! { "_id": 1 }, |d| {
@@ -811,6 +815,7 @@ impl MongoBatches {
                 last_seen: u.last_seen,
                 notify_push: u.notify_push,
                 notify_email: u.notify_email,
+                admin: u.admin,
             }),
             Record::Room(r) => self.rooms.push(mongo::RoomDoc {
                 id: r.id,
