@@ -18,13 +18,11 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::TryStreamExt;
-use mongodb::bson::{doc, Document};
 use rusqlite::{params, Connection, OpenFlags, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::mongo::{self, MongoStore};
+use super::mongo::MongoStore;
 use super::sqlite::SqliteStore;
 use super::{Role, RoomKind, StoreError};
 use crate::config::StoreConfig;
@@ -36,9 +34,6 @@ use crate::domain::{
 pub const FORMAT: &str = "chatd-export";
 /// The version of the line format this build writes and reads.
 pub const VERSION: u32 = 1;
-
-/// Records per MongoDB `insertMany`.
-const MONGO_BATCH: usize = 1000;
 
 /// Why an export or import failed.
 #[derive(Debug, thiserror::Error)]
@@ -61,10 +56,6 @@ pub enum TransferError {
 
 fn sql(e: rusqlite::Error) -> TransferError {
     TransferError::Store(StoreError::Internal(e.to_string()))
-}
-
-fn mongo_err(e: mongodb::error::Error) -> TransferError {
-    TransferError::Store(mongo::store_err(e))
 }
 
 /// How many records of each kind.
@@ -91,7 +82,8 @@ impl Counts {
             + self.refresh_tokens
     }
 
-    fn count(&mut self, r: &Record) {
+    /// Counts one record (header and end lines count for nothing).
+    pub(crate) fn count(&mut self, r: &Record) {
         match r {
             Record::User(_) => self.users += 1,
             Record::Room(_) => self.rooms += 1,
@@ -235,7 +227,29 @@ type Tx = mpsc::Sender<Result<Record, TransferError>>;
 type Rx = mpsc::Receiver<Result<Record, TransferError>>;
 /// Import records with the line they came from.
 type LineTx = mpsc::Sender<Result<(u64, Record), TransferError>>;
-type LineRx = mpsc::Receiver<Result<(u64, Record), TransferError>>;
+
+/// Records sent to a backend's [`Dump`] channel.
+pub type RecordTx = tokio::sync::mpsc::Sender<Result<Record, TransferError>>;
+/// What a backend's [`Load`] receives: the data records of an import with
+/// their line numbers (never the header or end line: the line format is
+/// checked here). An `Err` item means the input is bad or cut off: the
+/// backend stops, keeps nothing if it can, and returns that error.
+pub type LineRx = tokio::sync::mpsc::Receiver<Result<(u64, Record), TransferError>>;
+
+/// A backend's side of `chatd export`.
+#[async_trait::async_trait]
+pub trait Dump: Send + Sync {
+    /// Records of each kind, for the header.
+    async fn totals(&self) -> Result<Counts, TransferError>;
+    /// Sends every record in load order (users, rooms, members, messages, blocks, devices, refresh tokens).
+    async fn dump(&self, tx: RecordTx) -> Result<(), TransferError>;
+}
+
+/// A backend's side of `chatd import` (into an empty store).
+#[async_trait::async_trait]
+pub trait Load: Send + Sync {
+    async fn load(&self, rx: LineRx) -> Result<Counts, TransferError>;
+}
 
 const CLOSED: &str = "the other side of the transfer stopped";
 
@@ -330,7 +344,11 @@ where
     let writer = tokio::task::spawn_blocking(move || write_lines(rx, out, progress));
     let source = match cfg.kind.as_str() {
         "sqlite" => sqlite_source(cfg, tx).await,
-        "mongodb" => mongo_source(cfg, tx).await,
+        "mongodb" => match MongoStore::open(&cfg.mongodb).await {
+            // Opening checks meta (backend, schema version).
+            Ok(store) => dump_source(&store, "mongodb", tx).await,
+            Err(e) => Err(e.into()),
+        },
         other => Err(TransferError::Kind(other.to_owned())),
     };
     let written = writer
@@ -541,140 +559,31 @@ fn sqlite_read_all(c: &Connection, tx: &Tx) -> Result<(), TransferError> {
     Ok(())
 }
 
-async fn mongo_source(cfg: &StoreConfig, tx: Tx) -> Result<(), TransferError> {
-    // Opening checks meta (backend, schema version).
-    let store = MongoStore::open(&cfg.mongodb).await?;
-    let db = store.database().clone();
-    let count = |name: &'static str| {
-        let db = db.clone();
-        async move {
-            db.collection::<Document>(name)
-                .count_documents(doc! {})
-                .await
-                .map_err(mongo_err)
-        }
-    };
-    let totals = Counts {
-        users: count(mongo::USERS).await?,
-        rooms: count(mongo::ROOMS).await?,
-        members: count(mongo::MEMBERS).await?,
-        messages: count(mongo::MESSAGES).await?,
-        blocks: count(mongo::BLOCKS).await?,
-        devices: count(mongo::DEVICES).await?,
-        refresh_tokens: count(mongo::REFRESH_TOKENS).await?,
-    };
-    let send = |r: Record| {
-        let tx = tx.clone();
-        async move { tx.send(Ok(r)).await.map_err(|_| closed()) }
-    };
-    send(header("mongodb", totals)).await?;
-    let mut counts = Counts::default();
-
-    macro_rules! each {
-        ($coll:expr, $ty:ty, $sort:expr, |$d:ident| $rec:expr) => {{
-            let mut cur = db
-                .collection::<$ty>($coll)
-                .find(doc! {})
-                .sort($sort)
-                .await
-                .map_err(mongo_err)?;
-            while let Some($d) = cur.try_next().await.map_err(mongo_err)? {
-                let r = $rec;
-                counts.count(&r);
-                send(r).await?;
+/// A backend's dump framed as an export: the header with its totals, every
+/// record it sends, then the end line with what was sent.
+async fn dump_source(d: &dyn Dump, source: &str, tx: Tx) -> Result<(), TransferError> {
+    let totals = d.totals().await?;
+    tx.send(Ok(header(source, totals)))
+        .await
+        .map_err(|_| closed())?;
+    let (records, mut rx) = mpsc::channel(1024);
+    let relay = async {
+        let mut counts = Counts::default();
+        while let Some(r) = rx.recv().await {
+            if let Ok(r) = &r {
+                counts.count(r);
             }
-        }};
-    }
-    each!(mongo::USERS, mongo::UserDoc, doc! { "_id": 1 }, |d| {
-        Record::User(UserRec {
-            id: d.id,
-            username: d.username,
-            email: d.email,
-            display_name: d.display_name,
-            password_hash: d.password_hash,
-            created_at: d.created_at,
-            last_seen: d.last_seen,
-            notify_push: d.notify_push,
-            notify_email: d.notify_email,
-        })
-    });
-    each!(mongo::ROOMS, mongo::RoomDoc, doc! { "_id": 1 }, |d| {
-        Record::Room(RoomRec {
-            id: d.id,
-            kind: d.kind,
-            name: d.name,
-            direct_key: d.direct_key,
-            created_at: d.created_at,
-            last_seq: d.last_seq,
-        })
-    });
-    each!(
-        mongo::MEMBERS,
-        mongo::MemberDoc,
-        doc! { "room_id": 1, "user_id": 1 },
-        |d| {
-            Record::Member(MemberRec {
-                room_id: d.room_id,
-                user_id: d.user_id,
-                role: d.role,
-                delivered_seq: d.delivered_seq,
-                read_seq: d.read_seq,
-                joined_at: d.joined_at,
-            })
+            tx.send(r).await.map_err(|_| closed())?;
         }
-    );
-    each!(
-        mongo::MESSAGES,
-        mongo::MessageDoc,
-        doc! { "room_id": 1, "seq": 1 },
-        |d| {
-            Record::Message(MessageRec {
-                id: d.id,
-                room_id: d.room_id,
-                seq: d.seq,
-                sender_id: d.sender_id,
-                client_msg_id: d.client_msg_id,
-                body: d.body,
-                created_at: d.created_at,
-            })
-        }
-    );
-    each!(
-        mongo::BLOCKS,
-        mongo::BlockDoc,
-        doc! { "blocker_id": 1, "blocked_id": 1 },
-        |d| {
-            Record::Block(BlockRec {
-                blocker_id: d.blocker_id,
-                blocked_id: d.blocked_id,
-                created_at: d.created_at,
-            })
-        }
-    );
-    each!(mongo::DEVICES, mongo::DeviceDoc, doc! { "_id": 1 }, |d| {
-        Record::Device(DeviceRec {
-            token: d.token,
-            user_id: d.user_id,
-            platform: d.platform,
-            created_at: d.created_at,
-        })
-    });
-    each!(
-        mongo::REFRESH_TOKENS,
-        mongo::RefreshDoc,
-        doc! { "_id": 1 },
-        |d| {
-            Record::RefreshToken(RefreshRec {
-                hash: d.hash,
-                user_id: d.user_id,
-                family_id: d.family_id,
-                expires_at: d.expires_at,
-                used: d.used,
-            })
-        }
-    );
-    send(Record::End(End { counts })).await?;
-    Ok(())
+        Ok::<_, TransferError>(counts)
+    };
+    let (dumped, relayed) = tokio::join!(d.dump(records), relay);
+    // A relay that stopped (the writer failed) is the cause of any dump error.
+    let counts = relayed?;
+    dumped?;
+    tx.send(Ok(Record::End(End { counts })))
+        .await
+        .map_err(|_| closed())
 }
 
 // ---- import --------------------------------------------------------------
@@ -694,7 +603,11 @@ where
     let reader = tokio::task::spawn_blocking(move || read_lines(input, tx, size, progress));
     let sunk = match cfg.kind.as_str() {
         "sqlite" => sqlite_sink(cfg, rx).await,
-        "mongodb" => mongo_sink(cfg, rx).await,
+        "mongodb" => match MongoStore::open(&cfg.mongodb).await {
+            // Creates collections, indexes and meta (or checks them).
+            Ok(store) => load_sink(&store, rx).await,
+            Err(e) => Err(e.into()),
+        },
         other => Err(TransferError::Kind(other.to_owned())),
     };
     // The reader stops by itself once the sink drops its end.
@@ -935,146 +848,40 @@ fn sqlite_insert(c: &Connection, r: Record) -> rusqlite::Result<()> {
     .map(|_| ())
 }
 
-/// Per-collection buffers of documents waiting for an `insertMany`.
-#[derive(Default)]
-struct MongoBatches {
-    users: Vec<mongo::UserDoc>,
-    rooms: Vec<mongo::RoomDoc>,
-    members: Vec<mongo::MemberDoc>,
-    messages: Vec<mongo::MessageDoc>,
-    blocks: Vec<mongo::BlockDoc>,
-    devices: Vec<mongo::DeviceDoc>,
-    refresh: Vec<mongo::RefreshDoc>,
+/// Feeds a backend's [`Load`] with the body of an import: the header is
+/// checked first, then each line in turn ([`Body`]); a missing end line or
+/// a bad line reaches the loader as an error, so it stores nothing more.
+async fn load_sink(l: &dyn Load, rx: LineRx) -> Result<Counts, TransferError> {
+    let (tx, body) = mpsc::channel(1024);
+    let (loaded, ()) = tokio::join!(l.load(body), checked_lines(rx, tx));
+    loaded
 }
 
-impl MongoBatches {
-    fn push(&mut self, r: Record) {
-        match r {
-            Record::User(u) => self.users.push(mongo::UserDoc {
-                id: u.id,
-                username: u.username,
-                email: u.email,
-                display_name: u.display_name,
-                password_hash: u.password_hash,
-                created_at: u.created_at,
-                last_seen: u.last_seen,
-                notify_push: u.notify_push,
-                notify_email: u.notify_email,
-            }),
-            Record::Room(r) => self.rooms.push(mongo::RoomDoc {
-                id: r.id,
-                kind: r.kind,
-                name: r.name,
-                direct_key: r.direct_key,
-                created_at: r.created_at,
-                last_seq: r.last_seq,
-            }),
-            Record::Member(m) => self.members.push(mongo::MemberDoc {
-                id: format!("{}:{}", m.room_id, m.user_id),
-                room_id: m.room_id,
-                user_id: m.user_id,
-                role: m.role,
-                delivered_seq: m.delivered_seq,
-                read_seq: m.read_seq,
-                joined_at: m.joined_at,
-            }),
-            Record::Message(m) => self.messages.push(mongo::MessageDoc {
-                id: m.id,
-                room_id: m.room_id,
-                seq: m.seq,
-                sender_id: m.sender_id,
-                client_msg_id: m.client_msg_id,
-                body: m.body,
-                created_at: m.created_at,
-            }),
-            Record::Block(b) => self.blocks.push(mongo::BlockDoc {
-                id: format!("{}:{}", b.blocker_id, b.blocked_id),
-                blocker_id: b.blocker_id,
-                blocked_id: b.blocked_id,
-                created_at: b.created_at,
-            }),
-            Record::Device(d) => self.devices.push(mongo::DeviceDoc {
-                token: d.token,
-                user_id: d.user_id,
-                platform: d.platform,
-                created_at: d.created_at,
-            }),
-            Record::RefreshToken(t) => {
-                let mut d = mongo::RefreshDoc::new(t.hash, t.user_id, t.family_id, t.expires_at);
-                d.used = t.used;
-                self.refresh.push(d);
-            }
-            Record::Header(_) | Record::End(_) => {}
-        }
+async fn checked_lines(mut rx: LineRx, tx: LineTx) {
+    if let Err(e) = check_header(rx.recv().await) {
+        let _ = tx.send(Err(e)).await;
+        return;
     }
-
-    /// Inserts every buffer that holds `min` or more documents.
-    async fn flush(&mut self, db: &mongodb::Database, min: usize) -> Result<(), TransferError> {
-        async fn put<T: Serialize + Send + Sync>(
-            db: &mongodb::Database,
-            name: &str,
-            buf: &mut Vec<T>,
-            min: usize,
-        ) -> Result<(), TransferError> {
-            if !buf.is_empty() && buf.len() >= min {
-                db.collection::<T>(name)
-                    .insert_many(buf.drain(..))
-                    .await
-                    .map_err(mongo_err)?;
-            }
-            Ok(())
-        }
-        put(db, mongo::USERS, &mut self.users, min).await?;
-        put(db, mongo::ROOMS, &mut self.rooms, min).await?;
-        put(db, mongo::MEMBERS, &mut self.members, min).await?;
-        put(db, mongo::MESSAGES, &mut self.messages, min).await?;
-        put(db, mongo::BLOCKS, &mut self.blocks, min).await?;
-        put(db, mongo::DEVICES, &mut self.devices, min).await?;
-        put(db, mongo::REFRESH_TOKENS, &mut self.refresh, min).await?;
-        Ok(())
-    }
-}
-
-async fn mongo_sink(cfg: &StoreConfig, mut rx: LineRx) -> Result<Counts, TransferError> {
-    // Creates collections, indexes and meta (or checks them).
-    let store = MongoStore::open(&cfg.mongodb).await?;
-    let db = store.database().clone();
-    for name in [
-        mongo::USERS,
-        mongo::ROOMS,
-        mongo::MEMBERS,
-        mongo::MESSAGES,
-        mongo::BLOCKS,
-        mongo::DEVICES,
-        mongo::REFRESH_TOKENS,
-    ] {
-        if db
-            .collection::<Document>(name)
-            .find_one(doc! {})
-            .await
-            .map_err(mongo_err)?
-            .is_some()
-        {
-            return Err(TransferError::NotEmpty(name.into()));
-        }
-    }
-    check_header(rx.recv().await)?;
-    let mut batches = MongoBatches::default();
     let mut body = Body::default();
     while let Some(item) = rx.recv().await {
-        let (line, r) = item?;
-        if let Some(r) = body.next(line, r)? {
-            batches.push(r);
-            batches.flush(&db, MONGO_BATCH).await?;
+        let next = item.and_then(|(line, r)| Ok(body.next(line, r)?.map(|r| (line, r))));
+        let sent = match next {
+            Ok(None) => continue,
+            Ok(Some(r)) => tx.send(Ok(r)).await,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
+            }
+        };
+        if sent.is_err() {
+            return;
         }
     }
     if !body.ended {
-        return Err(TransferError::Incomplete(
-            "no end line (what was read is in the database: drop it before importing again)".into(),
-        ));
+        let _ = tx
+            .send(Err(TransferError::Incomplete("no end line".into())))
+            .await;
     }
-    batches.flush(&db, 1).await?;
-    Ok(body.counts)
 }
 
 #[cfg(test)]
