@@ -33,11 +33,19 @@ fn load_font() -> Result<()> {
     ))
 }
 
+/// "500", "1.5k", "20k", "1.2M": short enough that neighbours do not touch.
 fn fmt_rate(x: f64) -> String {
+    let short = |v: f64, unit: &str| {
+        if v >= 10.0 || (v - v.round()).abs() < 0.05 {
+            format!("{v:.0}{unit}")
+        } else {
+            format!("{v:.1}{unit}")
+        }
+    };
     if x >= 1e6 {
-        format!("{:.1}M", x / 1e6)
+        short(x / 1e6, "M")
     } else if x >= 1e3 {
-        format!("{:.0}k", x / 1e3)
+        short(x / 1e3, "k")
     } else {
         format!("{x:.0}")
     }
@@ -71,6 +79,9 @@ pub fn draw(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
+        // A log axis otherwise gets a label at every 1-2-5 step, which
+        // run into each other at this width.
+        .x_labels(8)
         .x_desc("offered load (messages sent per second, all senders)")
         .y_desc("send → recipient latency (ms)")
         .x_label_formatter(&|x| fmt_rate(*x))
