@@ -120,6 +120,17 @@ pub struct HttpConfig {
     #[serde(deserialize_with = "string_like")]
     pub listen: String,
     pub max_body_bytes: usize,
+    /// Longest time to receive a request's header (from its first byte, or
+    /// from the end of the previous response on a kept-alive connection).
+    pub header_read_timeout_secs: u64,
+    /// Longest wait for the next bytes of a request body.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request in progress and no bytes moving for
+    /// this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Most open HTTP connections (upgraded sockets included); more are
+    /// answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// `[ws]`.
@@ -199,6 +210,9 @@ pub struct AuthConfig {
     pub refresh_ttl_secs: u64,
     pub login_max_failures: u32,
     pub login_window_secs: u64,
+    /// Failed logins from one client address per its window before 429.
+    pub login_address_max_failures: u32,
+    pub login_address_window_secs: u64,
     pub hash_concurrency: usize,
 }
 
