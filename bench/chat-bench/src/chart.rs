@@ -65,6 +65,14 @@ pub fn draw(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     if xmin > xmax {
         return Err(anyhow!("no points to draw"));
     }
+    // Ticks at the offered rates themselves: a log axis otherwise labels
+    // only the decades (or, asked for more, every 1-2-5 step, which collide).
+    let mut rates: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup_by(|a, b| (*a / *b - 1.0).abs() < 0.05);
     let root = BitMapBackend::new(path, (1100, 680)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let mut chart = ChartBuilder::on(&root)
@@ -73,15 +81,12 @@ pub fn draw(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .x_label_area_size(50)
         .y_label_area_size(70)
         .build_cartesian_2d(
-            (xmin * 0.8..xmax * 1.25).log_scale(),
+            (xmin * 0.8..xmax * 1.25).log_scale().with_key_points(rates),
             (ymin * 0.7..ymax * 1.5).log_scale(),
         )
         .map_err(|x| e(&x))?;
     chart
         .configure_mesh()
-        // A log axis otherwise gets a label at every 1-2-5 step, which
-        // run into each other at this width.
-        .x_labels(8)
         .x_desc("offered load (messages sent per second, all senders)")
         .y_desc("send → recipient latency (ms)")
         .x_label_formatter(&|x| fmt_rate(*x))
