@@ -15,6 +15,9 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 /// The longest a stop may take from SIGINT to the exit of the process.
 const STOP_BOUND: Duration = Duration::from_secs(2);
 
+/// Sockets of other users open at the stop.
+const SOCKETS: usize = 20;
+
 /// chatd on a free port with its own data directory; its log lines (stdout
 /// and stderr) arrive on the returned channel.
 async fn start(dir: &std::path::Path) -> (Child, mpsc::UnboundedReceiver<String>) {
@@ -152,6 +155,26 @@ async fn sigint_stops_promptly_without_warnings_and_logs_are_plain() {
     .await
     .unwrap();
     assert_eq!(next(ws.next().await)["type"], "ack");
+    // More users online: each one's session goes offline (and publishes
+    // its presence) while the node stops.
+    let mut others = Vec::new();
+    for i in 0..SOCKETS {
+        let name = format!("stopper{i}");
+        let s = post(
+            &http,
+            format!("{base}/auth/register"),
+            None,
+            json!({"username": name, "email": format!("{name}@example.com"), "password": "password123"}),
+        )
+        .await;
+        let token = s["access_token"].as_str().unwrap().to_owned();
+        let (mut w, _) =
+            tokio_tungstenite::connect_async(format!("ws://{addr}/ws?access_token={token}"))
+                .await
+                .expect("socket opens");
+        assert_eq!(next(w.next().await)["type"], "ready");
+        others.push(w);
+    }
 
     // Ctrl-C.
     let pid = child.id().expect("running").to_string();
