@@ -91,7 +91,7 @@ impl Actor for BrokerBridge {
 }
 
 async fn heartbeat(hub: &Hub) {
-    let users: Vec<_> = hub.sessions.iter().map(|e| e.key().clone()).collect();
+    let users = hub.sessions.keys();
     hub.publish(
         Route::AllNodes,
         Event::Heartbeat {
@@ -132,8 +132,8 @@ async fn node_gone(hub: &Hub, node: &str) {
 /// Asks every local session to push what the store has beyond what it
 /// pushed (live copies that did not cross the broker).
 fn settle_sessions(hub: &Hub) {
-    for s in hub.sessions.iter() {
-        let _ = s.value().cast(SessionMsg::Settle);
+    for s in hub.sessions.actors() {
+        let _ = s.cast(SessionMsg::Settle);
     }
 }
 

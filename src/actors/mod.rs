@@ -13,11 +13,10 @@
 
 pub mod bridge;
 pub mod fanout;
+pub mod keyed_sup;
 pub mod room;
-pub mod room_sup;
 pub mod root;
 pub mod session;
-pub mod session_sup;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -51,12 +50,12 @@ pub struct Hub {
     pub broker: Arc<dyn Broker>,
     /// Where frames and notification jobs go (never waits for the broker).
     pub fanout: fanout::Fanout,
-    /// Local session actors by user.
-    pub sessions: DashMap<UserId, ActorRef<session::SessionMsg>>,
+    /// Local session actors by user (the session supervisor writes it).
+    pub sessions: keyed_sup::Keyed<keyed_sup::SessionChild>,
     /// Open sockets of local users; a restarted session actor adopts them.
     pub sockets: DashMap<UserId, Vec<SocketHandle>>,
-    /// Local room actors by room.
-    pub rooms: DashMap<RoomId, ActorRef<room::RoomMsg>>,
+    /// Local room actors by room (the room supervisor writes it).
+    pub rooms: keyed_sup::Keyed<keyed_sup::RoomChild>,
     pub directory: Directory,
     /// Known nodes (this one included), for the cluster view.
     pub nodes: NodeTable,
@@ -64,8 +63,8 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// Room pipelines in flight; shutdown waits for them.
     pub pipelines: TaskTracker,
-    pub(crate) session_sup: RwLock<Option<ActorRef<session_sup::SessionSupMsg>>>,
-    pub(crate) room_sup: RwLock<Option<ActorRef<room_sup::RoomSupMsg>>>,
+    /// The room supervisor (the shutdown sequence stops its children).
+    pub(crate) room_sup: RwLock<Option<ActorRef<keyed_sup::SupMsg<keyed_sup::RoomChild>>>>,
     pub(crate) broker_down: AtomicBool,
     /// Admin session queries waiting for other nodes' reports.
     pub admin_queries:
@@ -100,14 +99,13 @@ impl Hub {
             settings,
             stores,
             broker,
-            sessions: DashMap::new(),
+            sessions: Default::default(),
             sockets: DashMap::new(),
-            rooms: DashMap::new(),
+            rooms: Default::default(),
             directory: Directory::default(),
             nodes: NodeTable::default(),
             shutdown: CancellationToken::new(),
             pipelines: TaskTracker::new(),
-            session_sup: RwLock::new(None),
             room_sup: RwLock::new(None),
             broker_down: AtomicBool::new(false),
             admin_queries: DashMap::new(),
@@ -143,32 +141,12 @@ impl Hub {
     /// The room actor of `room`, started if needed. `NotFound` if the room
     /// does not exist.
     pub async fn room(&self, room: &RoomId) -> Result<ActorRef<room::RoomMsg>, ActorError> {
-        if let Some(r) = self.rooms.get(room) {
-            return Ok(r.clone());
-        }
-        let sup = self
-            .room_sup
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| ActorError::Unavailable("room supervisor not started".into()))?;
-        ractor::call!(sup, room_sup::RoomSupMsg::GetOrSpawn, room.clone())
-            .map_err(|e| ActorError::Unavailable(e.to_string()))?
+        self.rooms.get_or_spawn(room).await
     }
 
     /// Sends to a room actor, restarting it once if it stopped meanwhile.
     pub async fn send_to_room(&self, room: &RoomId, msg: room::RoomMsg) -> Result<(), ActorError> {
-        let r = self.room(room).await?;
-        match r.cast(msg) {
-            Ok(()) => Ok(()),
-            Err(ractor::MessagingErr::SendErr(msg)) => {
-                self.rooms.remove_if(room, |_, v| v.get_id() == r.get_id());
-                let r = self.room(room).await?;
-                r.cast(msg)
-                    .map_err(|e| ActorError::Unavailable(e.to_string()))
-            }
-            Err(e) => Err(ActorError::Unavailable(e.to_string())),
-        }
+        self.rooms.send(room, msg).await
     }
 
     /// The session actor of a local user, started if needed.
@@ -176,17 +154,7 @@ impl Hub {
         &self,
         user: &UserId,
     ) -> Result<ActorRef<session::SessionMsg>, ActorError> {
-        if let Some(s) = self.sessions.get(user) {
-            return Ok(s.clone());
-        }
-        let sup = self
-            .session_sup
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| ActorError::Unavailable("session supervisor not started".into()))?;
-        ractor::call!(sup, session_sup::SessionSupMsg::GetOrSpawn, user.clone())
-            .map_err(|e| ActorError::Unavailable(e.to_string()))?
+        self.sessions.get_or_spawn(user).await
     }
 
     /// Delivers a frame to `users`: local sessions directly, other nodes
@@ -209,7 +177,7 @@ impl Hub {
     /// Membership of `room` changed: the local room actor reloads (waiting
     /// for it with `wait`); with `wait`, other nodes are told as well.
     pub async fn apply_room_changed(&self, room: &RoomId, wait: bool) {
-        let actor = self.rooms.get(room).map(|r| r.clone());
+        let actor = self.rooms.actor(room);
         if let Some(r) = actor {
             if wait {
                 let _ = r
@@ -233,7 +201,7 @@ impl Hub {
     /// `user` blocked or unblocked someone: local rooms and the user's
     /// session reload (waiting with `wait`, which also tells other nodes).
     pub async fn apply_blocks_changed(&self, user: &UserId, wait: bool) {
-        let rooms: Vec<_> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        let rooms = self.rooms.actors();
         for r in rooms {
             if wait {
                 let _ = r
@@ -246,7 +214,7 @@ impl Hub {
                 let _ = r.cast(room::RoomMsg::BlocksChanged(user.clone(), None));
             }
         }
-        let session = self.sessions.get(user).map(|s| s.clone());
+        let session = self.sessions.actor(user);
         if let Some(s) = session {
             if wait {
                 let _ = s
@@ -275,14 +243,9 @@ impl Hub {
         &self,
         user: &UserId,
     ) -> Option<crate::cluster::SessionInfo> {
-        let s = self.sessions.get(user).map(|s| s.clone())?;
-        match s
-            .call(session::SessionMsg::Inspect, Some(CALL_TIMEOUT))
+        self.sessions
+            .inspect(user, session::SessionMsg::Inspect)
             .await
-        {
-            Ok(ractor::rpc::CallResult::Success(info)) => Some(info),
-            _ => None,
-        }
     }
 
     /// The user's session actors across the cluster: this node's, and those
@@ -334,7 +297,7 @@ impl Hub {
 
     /// Closes every socket of `user` on every node (an operator's request).
     pub async fn disconnect_everywhere(&self, user: &UserId) {
-        let local = self.sessions.get(user).map(|s| s.clone());
+        let local = self.sessions.actor(user);
         if let Some(s) = local {
             let _ = s.cast(session::SessionMsg::Disconnect);
         }

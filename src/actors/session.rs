@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use super::keyed_sup::StopReason;
 use super::Hub;
 use crate::broker::{Event, Route};
 use crate::domain::{now_rfc3339, RoomId, Seq, SessionId, UserId};
@@ -213,17 +214,13 @@ impl Actor for SessionActor {
 
 /// Last socket gone: leave the registry, record `last_seen`, tell contacts.
 async fn go_offline(st: &mut SessionState, myself: &ActorRef<SessionMsg>) {
-    let id = myself.get_id();
-    st.hub
-        .sessions
-        .remove_if(&st.user_id, |_, v| v.get_id() == id);
-    metrics::gauge!("chatd_sessions").set(st.hub.sessions.len() as f64);
+    st.hub.sessions.retire(st.user_id.clone(), myself.get_id());
     let now = now_rfc3339();
     if let Err(e) = st.hub.stores.users.set_last_seen(&st.user_id, &now).await {
         tracing::warn!(error = %e, "could not store last_seen");
     }
     announce(st, false, Some(now)).await;
-    myself.stop(Some("empty".into()));
+    myself.stop(Some(StopReason::Empty.into()));
 }
 
 async fn announce(st: &SessionState, online: bool, last_seen: Option<String>) {

@@ -82,11 +82,11 @@ fn describe(st: &AppState, cell: &ActorCell) -> ActorNode {
     let id = cell.get_id();
     let name = cell.get_name();
     let mut subject = None;
-    let kind = if let Some(e) = st.hub.sessions.iter().find(|e| e.value().get_id() == id) {
-        subject = Some(e.key().to_string());
+    let kind = if let Some(user) = st.hub.sessions.key_of(id) {
+        subject = Some(user.to_string());
         "session".to_owned()
-    } else if let Some(e) = st.hub.rooms.iter().find(|e| e.value().get_id() == id) {
-        subject = Some(e.key().to_string());
+    } else if let Some(room) = st.hub.rooms.key_of(id) {
+        subject = Some(room.to_string());
         "room".to_owned()
     } else {
         match name.as_deref().and_then(|n| n.split('@').next()) {
@@ -166,7 +166,7 @@ async fn stop_actor(
     }
     let cell = find(&root, &id).ok_or_else(|| Error::NotFound("no such actor".into()))?;
     tracing::warn!(actor = %id, "stopped by an operator");
-    cell.stop(Some("stopped by operator".into()));
+    cell.stop(Some(crate::actors::keyed_sup::StopReason::Operator.into()));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -244,8 +244,7 @@ async fn room(
     let actor = st
         .hub
         .rooms
-        .get(&room)
-        .map(|r| r.clone())
+        .actor(&room)
         .ok_or_else(|| Error::NotFound("no active actor for this room on this node".into()))?;
     match actor
         .call(crate::actors::room::RoomMsg::Inspect, Some(CALL_TIMEOUT))
