@@ -21,11 +21,7 @@ use ractor::{
     RpcReplyPort, SupervisionEvent,
 };
 
-use super::room::{RoomActor, RoomMsg};
-use super::session::{SessionActor, SessionMsg};
 use super::{ActorError, Hub, CALL_TIMEOUT};
-use crate::domain::{RoomId, UserId};
-use crate::store::StoreError;
 
 /// Why a child stopped on its own (carried as ractor's stop reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,68 +396,6 @@ impl<C: Child> Actor for KeyedSupervisor<C> {
             }
         }
         Ok(())
-    }
-}
-
-/// Rooms: one [`RoomActor`] per active room.
-pub struct RoomChild;
-
-impl Child for RoomChild {
-    type Key = RoomId;
-    type Msg = RoomMsg;
-    const KIND: &'static str = "room";
-
-    async fn spawn(
-        hub: Arc<Hub>,
-        key: RoomId,
-        _restart: bool,
-        sup: ActorCell,
-    ) -> Result<ActorRef<RoomMsg>, ActorError> {
-        match Actor::spawn_linked(None, RoomActor, (hub, key), sup).await {
-            Ok((a, _)) => Ok(a),
-            Err(e) => {
-                let not_found = matches!(
-                    &e,
-                    ractor::SpawnErr::StartupFailed(inner)
-                        if inner.downcast_ref::<StoreError>().is_some_and(|s| matches!(s, StoreError::NotFound))
-                );
-                if not_found {
-                    Err(ActorError::NotFound)
-                } else {
-                    Err(ActorError::Unavailable(e.to_string()))
-                }
-            }
-        }
-    }
-
-    fn count(n: usize) {
-        metrics::gauge!("chatd_rooms_active").set(n as f64);
-    }
-}
-
-/// Sessions: one [`SessionActor`] per user with sockets on this node; a
-/// restarted one adopts the user's open sockets.
-pub struct SessionChild;
-
-impl Child for SessionChild {
-    type Key = UserId;
-    type Msg = SessionMsg;
-    const KIND: &'static str = "session";
-
-    async fn spawn(
-        hub: Arc<Hub>,
-        key: UserId,
-        restart: bool,
-        sup: ActorCell,
-    ) -> Result<ActorRef<SessionMsg>, ActorError> {
-        Actor::spawn_linked(None, SessionActor, (hub, key, restart), sup)
-            .await
-            .map(|(a, _)| a)
-            .map_err(|e| ActorError::Unavailable(e.to_string()))
-    }
-
-    fn count(n: usize) {
-        metrics::gauge!("chatd_sessions").set(n as f64);
     }
 }
 

@@ -51,11 +51,11 @@ pub struct Hub {
     /// Where frames and notification jobs go (never waits for the broker).
     pub fanout: fanout::Fanout,
     /// Local session actors by user (the session supervisor writes it).
-    pub sessions: keyed_sup::Keyed<keyed_sup::SessionChild>,
+    pub sessions: keyed_sup::Keyed<session::SessionChild>,
     /// Open sockets of local users; a restarted session actor adopts them.
     pub sockets: DashMap<UserId, Vec<SocketHandle>>,
     /// Local room actors by room (the room supervisor writes it).
-    pub rooms: keyed_sup::Keyed<keyed_sup::RoomChild>,
+    pub rooms: keyed_sup::Keyed<room::RoomChild>,
     pub directory: Directory,
     /// Known nodes (this one included), for the cluster view.
     pub nodes: NodeTable,
@@ -64,7 +64,7 @@ pub struct Hub {
     /// Room pipelines in flight; shutdown waits for them.
     pub pipelines: TaskTracker,
     /// The room supervisor (the shutdown sequence stops its children).
-    pub(crate) room_sup: RwLock<Option<ActorRef<keyed_sup::SupMsg<keyed_sup::RoomChild>>>>,
+    pub(crate) room_sup: RwLock<Option<ActorRef<keyed_sup::SupMsg<room::RoomChild>>>>,
     pub(crate) broker_down: AtomicBool,
     /// Admin session queries waiting for other nodes' reports.
     pub admin_queries:

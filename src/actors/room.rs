@@ -14,12 +14,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::keyed_sup::StopReason;
-use super::{fanout, Hub};
+use super::keyed_sup::{Child, StopReason};
+use super::{fanout, ActorError, Hub};
 use crate::broker::NotifyJob;
 use crate::domain::{ClientMsgId, MessageBody, RoomId, Seq, UserId};
 use crate::protocol::{ack_frame, error_frame, message_frame, ServerFrame};
@@ -504,4 +504,40 @@ fn finish(
         recipients,
         created_at: message.created_at.clone(),
     })
+}
+
+/// Rooms: one [`RoomActor`] per active room.
+pub struct RoomChild;
+
+impl Child for RoomChild {
+    type Key = RoomId;
+    type Msg = RoomMsg;
+    const KIND: &'static str = "room";
+
+    async fn spawn(
+        hub: Arc<Hub>,
+        key: RoomId,
+        _restart: bool,
+        sup: ActorCell,
+    ) -> Result<ActorRef<RoomMsg>, ActorError> {
+        match Actor::spawn_linked(None, RoomActor, (hub, key), sup).await {
+            Ok((a, _)) => Ok(a),
+            Err(e) => {
+                let not_found = matches!(
+                    &e,
+                    ractor::SpawnErr::StartupFailed(inner)
+                        if inner.downcast_ref::<StoreError>().is_some_and(|s| matches!(s, StoreError::NotFound))
+                );
+                if not_found {
+                    Err(ActorError::NotFound)
+                } else {
+                    Err(ActorError::Unavailable(e.to_string()))
+                }
+            }
+        }
+    }
+
+    fn count(n: usize) {
+        metrics::gauge!("chatd_rooms_active").set(n as f64);
+    }
 }

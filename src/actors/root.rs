@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::bridge::BrokerBridge;
-use super::keyed_sup::{KeyedSupervisor, RoomChild, SessionChild};
+use super::keyed_sup::KeyedSupervisor;
+use super::room::RoomChild;
+use super::session::SessionChild;
 use super::Hub;
 
 /// Restarts tolerated within [`RESTART_WINDOW`].

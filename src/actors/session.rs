@@ -11,10 +11,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::keyed_sup::StopReason;
-use super::Hub;
+use super::keyed_sup::{Child, StopReason};
+use super::{ActorError, Hub};
 use crate::broker::{Event, Route};
 use crate::domain::{now_rfc3339, RoomId, Seq, SessionId, UserId};
 use crate::protocol::{message_frame, Frame, ServerFrame};
@@ -405,5 +405,31 @@ async fn catch_up(st: &mut SessionState, socket: &SocketHandle, ready: bool, bas
                 }
             }
         }
+    }
+}
+
+/// Sessions: one [`SessionActor`] per user with sockets on this node; a
+/// restarted one adopts the user's open sockets.
+pub struct SessionChild;
+
+impl Child for SessionChild {
+    type Key = UserId;
+    type Msg = SessionMsg;
+    const KIND: &'static str = "session";
+
+    async fn spawn(
+        hub: Arc<Hub>,
+        key: UserId,
+        restart: bool,
+        sup: ActorCell,
+    ) -> Result<ActorRef<SessionMsg>, ActorError> {
+        Actor::spawn_linked(None, SessionActor, (hub, key, restart), sup)
+            .await
+            .map(|(a, _)| a)
+            .map_err(|e| ActorError::Unavailable(e.to_string()))
+    }
+
+    fn count(n: usize) {
+        metrics::gauge!("chatd_sessions").set(n as f64);
     }
 }
