@@ -29,6 +29,8 @@ pub enum StartError {
     Actors(String),
     #[error(transparent)]
     Notify(#[from] crate::notify::StartError),
+    #[error("attachments: {0}")]
+    Blobs(#[from] crate::blobs::BlobError),
 }
 
 /// A built node, bound and ready to serve.
@@ -64,6 +66,7 @@ impl Application {
             .map_err(StartError::Secret)?;
         let stores = crate::store::open(&settings.store).await?;
         let broker = crate::broker::open(&settings.broker, &node_id).await?;
+        let blobs = crate::blobs::open(&settings).await?;
         let hub = Hub::new(settings.clone(), node_id, addr.to_string(), stores, broker);
         let (root, root_handle) = root::start(hub.clone())
             .await
@@ -73,12 +76,17 @@ impl Application {
         if matches!(settings.node.role.as_str(), "all" | "notifier") {
             background.push(crate::notify::start(hub.clone()).await?);
         }
+        background.push(crate::blobs::sweeper::start(
+            blobs.clone(),
+            Duration::from_secs(settings.limits.attachment_unattached_ttl_secs),
+            hub.shutdown.clone(),
+        ));
         let auth = AuthService::new(&settings.auth, &secret);
         tracing::info!(node = %hub.node_id, %addr, store = hub.stores.health.backend(), broker = hub.broker.kind(), "chatd started");
         Ok(Self {
             listener,
             addr,
-            state: AppState { hub, auth },
+            state: AppState { hub, auth, blobs },
             root,
             root_handle,
             background,
@@ -140,12 +148,7 @@ impl Application {
         }
         hub.rooms.clear();
         hub.pipelines.close();
-        if tokio::time::timeout(Duration::from_secs(30), hub.pipelines.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!("room pipelines did not drain in 30 s");
-        }
+        crate::socket::drain(&hub.pipelines, "shutdown").await;
         hub.publish(
             crate::broker::Route::AllNodes,
             crate::broker::Event::NodeLeft {

@@ -19,6 +19,7 @@ pub struct Settings {
     pub node: NodeConfig,
     pub http: HttpConfig,
     pub ws: WsConfig,
+    pub socketio: SocketIoConfig,
     pub store: StoreConfig,
     pub broker: BrokerConfig,
     pub cluster: ClusterConfig,
@@ -53,7 +54,24 @@ pub struct WsConfig {
     pub outbound_queue: usize,
     pub read_buffer_bytes: usize,
     pub write_buffer_bytes: usize,
+    /// Most bytes tungstenite buffers for one socket's output.
+    pub max_write_buffer_bytes: usize,
     pub idle_timeout_secs: u64,
+    /// A write that waits this long for the client closes the socket (4008).
+    pub write_timeout_ms: u64,
+    /// Bound on sending a close and on waiting for the client's reply.
+    pub close_timeout_ms: u64,
+    /// Sockets (`/ws` and Socket.IO) of one user on one node; 0: no cap.
+    pub max_sockets_per_user: usize,
+}
+
+/// `[socketio]`: Engine.IO/Socket.IO timers and sizes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SocketIoConfig {
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub max_payload_bytes: u64,
 }
 
 /// `[store]`.
@@ -332,6 +350,19 @@ mod tests {
             assert_eq!(s.store.sqlite.path, "/tmp/x.db");
             assert_eq!(s.node.id, "1");
             assert_eq!(s.auth.jwt_secret, "123456");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn attachment_limits_default_and_come_from_env() {
+        let d = Settings::defaults();
+        assert_eq!(d.limits.attachment_max_bytes, 25 * 1024 * 1024);
+        assert_eq!(d.limits.attachment_unattached_ttl_secs, 86_400);
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CHAT__LIMITS__ATTACHMENT_MAX_BYTES", "1048576");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.limits.attachment_max_bytes, 1_048_576);
             Ok(())
         });
     }

@@ -12,6 +12,9 @@
 //!   the SQLite backend with group commit, the MongoDB backend
 //!   (transactions), export/import between them, and the contract suite
 //!   every backend passes.
+//! - [`blobs`]: attachments: bytes and metadata behind one trait (files
+//!   under the data directory, or GridFS with MongoDB), upload checks, the
+//!   sweeper of unattached uploads, and the contract suite.
 //! - [`broker`]: the bus between nodes (one trait; in-process and RabbitMQ
 //!   backends).
 //! - [`actors`]: the ractor tree: root supervisor, session supervisor with a
@@ -32,6 +35,7 @@ pub mod actors;
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod blobs;
 pub mod broker;
 pub mod config;
 pub mod domain;

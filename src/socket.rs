@@ -1,22 +1,56 @@
 //! A socket's outbound side, shared by the actors (which queue frames and
 //! close sockets) and the api (whose socket tasks drain the queue and obey
 //! the close): [`SocketHandle`] for the server, [`SocketInbox`] and
-//! [`Closer`] for the socket task, and the close codes of the protocol.
+//! [`Closer`] for the socket task, the close codes of the protocol, the
+//! node's [`SocketRegistry`] (per-user cap and the `chatd_connections`
+//! gauge, both held by one guard per socket) and the shared pipeline
+//! [`drain`].
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use dashmap::DashMap;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::domain::{SessionId, UserId};
 use crate::protocol::Frame;
 
-/// Close code for a socket whose outbound queue overflowed (client resyncs).
+/// Close code for a slow consumer (client resyncs): its outbound queue
+/// overflowed, or it could not take its frames within `ws.write_timeout_ms`
+/// (then the server drops the connection without waiting for this close
+/// frame to get through, so the client may only see the connection end).
 pub const CLOSE_SLOW_CONSUMER: u16 = 4008;
 /// Close code when an operator disconnects the user.
 pub const CLOSE_KICKED: u16 = 4001;
 /// Close code on server shutdown.
 pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a socket refused because its user already holds
+/// `ws.max_sockets_per_user` sockets on this node (the newest is refused,
+/// right after the upgrade, before `ready`).
+pub const CLOSE_TOO_MANY_SOCKETS: u16 = 4009;
+
+/// How long a shutdown waits for the room pipelines to store and ack what
+/// they accepted.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Waits (up to [`DRAIN_TIMEOUT`]) until every room pipeline tracked by
+/// `pipelines` has stored and acked what it accepted; false, with a
+/// warning naming `who`, if they did not finish in time.
+pub async fn drain(pipelines: &TaskTracker, who: &str) -> bool {
+    let drained = tokio::time::timeout(DRAIN_TIMEOUT, pipelines.wait())
+        .await
+        .is_ok();
+    if !drained {
+        tracing::warn!(
+            who,
+            secs = DRAIN_TIMEOUT.as_secs(),
+            "room pipelines did not drain in time"
+        );
+    }
+    drained
+}
 
 /// Why a socket is being closed by the server.
 #[derive(Debug, Clone)]
@@ -127,5 +161,98 @@ impl SocketHandle {
     /// Frames waiting in the outbound queue.
     pub fn queued(&self) -> usize {
         self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// The live sockets of one node, per user: admits a socket under the
+/// per-user cap and keeps the `chatd_connections` gauge. Both are held by
+/// the [`SocketGuard`] the socket task owns, so they cannot drift: however
+/// the task ends (client close, reset, kill, slow consumer, kick, session
+/// restart, shutdown), dropping the guard releases the socket.
+#[derive(Default)]
+pub struct SocketRegistry {
+    per_user: DashMap<UserId, usize>,
+}
+
+/// A socket refused because its user holds the maximum already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooManySockets {
+    pub limit: usize,
+}
+
+impl SocketRegistry {
+    /// A registry shared by a node's `/ws` and Socket.IO sockets.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Counts a new socket of `user` unless it already holds `limit` (0:
+    /// no limit); the guard releases it when dropped.
+    pub fn admit(
+        self: &Arc<Self>,
+        user: &UserId,
+        limit: usize,
+    ) -> Result<SocketGuard, TooManySockets> {
+        {
+            let mut n = self.per_user.entry(user.clone()).or_insert(0);
+            if limit > 0 && *n >= limit {
+                return Err(TooManySockets { limit });
+            }
+            *n += 1;
+        }
+        metrics::gauge!("chatd_connections").increment(1.0);
+        Ok(SocketGuard {
+            registry: self.clone(),
+            user: user.clone(),
+        })
+    }
+
+    /// Live sockets of `user` on this node.
+    pub fn count(&self, user: &UserId) -> usize {
+        self.per_user.get(user).map(|n| *n).unwrap_or(0)
+    }
+
+    /// Live sockets on this node.
+    pub fn total(&self) -> usize {
+        self.per_user.iter().map(|e| *e.value()).sum()
+    }
+}
+
+/// One admitted socket; dropping it releases the socket's place under the
+/// cap and in the gauge.
+pub struct SocketGuard {
+    registry: Arc<SocketRegistry>,
+    user: UserId,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.registry.per_user.remove_if_mut(&self.user, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+        metrics::gauge!("chatd_connections").decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_caps_per_user_and_releases_on_drop() {
+        let r = SocketRegistry::new();
+        let a = UserId::generate();
+        let b = UserId::generate();
+        let g1 = r.admit(&a, 2).unwrap();
+        let g2 = r.admit(&a, 2).unwrap();
+        assert_eq!(r.admit(&a, 2).err(), Some(TooManySockets { limit: 2 }));
+        let _g3 = r.admit(&b, 2).unwrap();
+        assert_eq!((r.count(&a), r.total()), (2, 3));
+        drop(g1);
+        let _g4 = r.admit(&a, 2).unwrap();
+        drop(g2);
+        assert_eq!((r.count(&a), r.total()), (1, 2));
+        assert!(r.admit(&a, 0).is_ok(), "0 means no limit");
     }
 }

@@ -280,3 +280,124 @@ async fn shutdown_acks_accepted_messages_before_closing() {
     );
     assert_eq!(code, Some(1001));
 }
+
+/// A broker whose publishes to other nodes never complete (a RabbitMQ that
+/// stopped confirming); everything else goes through the in-process queues.
+struct StuckBroker {
+    own: String,
+    inner: chatd::broker::inprocess::InProcess,
+    node_publishes: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl chatd::broker::Broker for StuckBroker {
+    async fn publish(
+        &self,
+        route: chatd::broker::Route,
+        envelope: chatd::broker::Envelope,
+    ) -> Result<(), chatd::broker::BrokerError> {
+        if matches!(&route, chatd::broker::Route::Node(n) if n != &self.own) {
+            self.node_publishes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        self.inner.publish(route, envelope).await
+    }
+
+    async fn consume(
+        &self,
+        queue: chatd::broker::Queue,
+    ) -> Result<tokio::sync::mpsc::Receiver<chatd::broker::Delivery>, chatd::broker::BrokerError>
+    {
+        self.inner.consume(queue).await
+    }
+
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    fn kind(&self) -> &'static str {
+        "stuck"
+    }
+}
+
+/// Issue 15: the sender's ack depends on the store only. A member on
+/// another node whose broker publishes never confirm must not hold back
+/// the acks of later messages (the room pipeline never waits for the broker).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_do_not_wait_for_a_stuck_broker() {
+    use chatd::actors::room::{Replier, RoomMsg};
+    use chatd::domain::{ClientMsgId, Email, Limits, MessageBody, Username};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let settings = test_settings(dir.path());
+    let node = settings.node.id.clone();
+    let stores = chatd::store::open(&settings.store).await.unwrap();
+    let limits = Limits::default();
+    let mut ids = Vec::new();
+    for name in ["alice", "bob"] {
+        let u = stores
+            .users
+            .create_user(chatd::store::NewUser {
+                username: Username::parse(name, &limits).unwrap(),
+                email: Email::parse(&format!("{name}@example.com")).unwrap(),
+                display_name: None,
+                password_hash: "x".into(),
+            })
+            .await
+            .unwrap();
+        ids.push(u.id);
+    }
+    let room = stores
+        .rooms
+        .create_group(&ids[0], "stuck", &ids[1..])
+        .await
+        .unwrap()
+        .id;
+    let broker = Arc::new(StuckBroker {
+        own: node.clone(),
+        inner: chatd::broker::inprocess::InProcess::new(&node),
+        node_publishes: Default::default(),
+    });
+    let hub = chatd::actors::Hub::new(
+        Arc::new(settings),
+        node,
+        "127.0.0.1:0".into(),
+        stores,
+        broker.clone(),
+    );
+    let (_root, _handle) = chatd::actors::root::start(hub.clone()).await.unwrap();
+    // Bob's sockets are on another node: every message crosses the broker.
+    hub.directory.set(&ids[1], "elsewhere", true);
+
+    for i in 0..20 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        hub.send_to_room(
+            &room,
+            RoomMsg::Send {
+                sender: ids[0].clone(),
+                client_msg_id: ClientMsgId::parse(&format!("m{i}"), &limits).unwrap(),
+                body: MessageBody::parse("hello", &limits).unwrap(),
+                reply: Replier::Http(tx),
+            },
+        )
+        .await
+        .unwrap();
+        let appended = tokio::time::timeout(WAIT, rx)
+            .await
+            .unwrap_or_else(|_| {
+                panic!("message {i} was not acked: the pipeline waits for the broker")
+            })
+            .unwrap()
+            .unwrap();
+        assert_eq!(appended.message.seq, i + 1);
+    }
+    assert!(
+        broker
+            .node_publishes
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 1,
+        "the cross-node copy was attempted"
+    );
+}

@@ -396,3 +396,88 @@ async fn mongodb_an_append_cut_off_mid_transaction_leaves_no_gap() {
     assert_eq!(s.rooms.room(&room.id).await.unwrap().unwrap().last_seq, 1);
     raw_db(&cfg).await.drop().await.unwrap();
 }
+
+/// The SQLite writer's cost per message and the database's size per
+/// message, through the public API, batched like the room pipeline does
+/// (one task per room, each appending its sends in batches; the writer
+/// group-commits what all rooms have pending). A measurement, not a check:
+/// `cargo test --test store_contract -- --ignored --nocapture sqlite_append_cost`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn sqlite_append_cost() {
+    const ROOMS: usize = 20;
+    const PER_ROOM: usize = 4000;
+    const BATCH: usize = 32;
+    for sync in ["full", "off"] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cost.db");
+        let mut cfg = Settings::defaults().store;
+        cfg.sqlite.path = path.to_string_lossy().into_owned();
+        cfg.sqlite.synchronous = sync.into();
+        let s = store::open(&cfg).await.unwrap();
+        let mut rooms = Vec::new();
+        for _ in 0..ROOMS {
+            let a = store::contract::make_user(&s, "ca").await;
+            let b = store::contract::make_user(&s, "cb").await;
+            let (r, _) = s.rooms.create_direct(&a.id, &b.id).await.unwrap();
+            rooms.push((r.id, a.id, b.id));
+        }
+        let size_before = db_bytes(&path);
+        let body = "x".repeat(64);
+        let started = std::time::Instant::now();
+        let mut tasks = Vec::new();
+        for (i, (room, a, b)) in rooms.into_iter().enumerate() {
+            let (s, body) = (s.clone(), body.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut n = 0usize;
+                while n < PER_ROOM {
+                    let batch = (n..(n + BATCH).min(PER_ROOM))
+                        .map(|k| store::NewMessage {
+                            room_id: room.clone(),
+                            sender_id: if k % 2 == 0 { a.clone() } else { b.clone() },
+                            // The benchmark's shape: sender-n-time in hex.
+                            client_msg_id: chatd::domain::ClientMsgId::from_trusted(format!(
+                                "{:x}-{:x}-{:x}",
+                                i * 2 + k % 2,
+                                k,
+                                1_790_000_000_000_000u64 + k as u64
+                            )),
+                            body: chatd::domain::MessageBody::from_trusted(body.clone()),
+                        })
+                        .collect::<Vec<_>>();
+                    n += batch.len();
+                    for r in s.messages.append_batch(batch).await.unwrap() {
+                        assert!(!r.unwrap().duplicate);
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let took = started.elapsed();
+        let total = ROOMS * PER_ROOM;
+        drop(s);
+        let size_after = db_bytes(&path);
+        println!(
+            "sqlite append, synchronous={sync}: {total} messages of 64 bytes in {ROOMS} rooms, \
+             batches of {BATCH}: {:.2} µs/message, {:.0} bytes/message",
+            took.as_secs_f64() * 1e6 / total as f64,
+            (size_after - size_before) as f64 / total as f64
+        );
+    }
+}
+
+/// The database's size with its WAL checkpointed into the main file.
+fn db_bytes(path: &std::path::Path) -> i64 {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    c.query_row(
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}

@@ -126,6 +126,7 @@ async fn heartbeat(hub: &Hub) {
 
 async fn node_gone(hub: &Hub, node: &str) {
     hub.nodes.remove(node);
+    hub.fanout.forget_node(node);
     for (user, online) in hub.directory.replace_node(node, &[]) {
         let now = now_rfc3339();
         // The dead node cannot record `last_seen`; the survivors do.
@@ -221,6 +222,7 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
                 }
             }
         }
+        Event::DeliverBatch { items } => super::fanout::deliver_local(hub, items),
         Event::Presence {
             user_id,
             node,
@@ -272,7 +274,9 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             }
         }
         Event::Resync { node } => {
-            tracing::info!(node = %node, "a node reconnected to the broker; sessions re-read the store");
+            // Sent after a broker reconnection, or when the fan-out dropped
+            // deliveries for this node (broker slow or away).
+            tracing::debug!(node = %node, "resync asked; sessions re-read the store");
             settle_sessions(hub);
         }
         Event::Disconnect { user_id } => {

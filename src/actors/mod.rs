@@ -11,13 +11,14 @@
 //! store, broker, the registries of live actors, and the cluster directory.
 
 pub mod bridge;
+pub mod fanout;
 pub mod room;
 pub mod room_sup;
 pub mod root;
 pub mod session;
 pub mod session_sup;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -120,6 +121,8 @@ pub struct Hub {
     pub settings: Arc<Settings>,
     pub stores: Stores,
     pub broker: Arc<dyn Broker>,
+    /// Where frames and notification jobs go (never waits for the broker).
+    pub fanout: fanout::Fanout,
     /// Local session actors by user.
     pub sessions: DashMap<UserId, ActorRef<session::SessionMsg>>,
     /// Open sockets of local users; a restarted session actor adopts them.
@@ -172,6 +175,7 @@ impl Hub {
         broker: Arc<dyn Broker>,
     ) -> Arc<Self> {
         Arc::new(Self {
+            fanout: fanout::Fanout::new(node_id.clone(), broker.clone()),
             node_id,
             address,
             started_at: crate::domain::now_rfc3339(),
@@ -268,9 +272,9 @@ impl Hub {
     }
 
     /// Delivers a frame to `users`: local sessions directly, other nodes
-    /// once per node through the broker. Returns the users that have no
-    /// socket anywhere in the cluster.
-    pub async fn deliver(
+    /// once per node through the fan-out (never waiting for the broker).
+    /// Returns the users that have no socket anywhere in the cluster.
+    pub fn deliver(
         &self,
         users: &[UserId],
         room_id: &RoomId,
@@ -278,41 +282,9 @@ impl Hub {
         exclude: Option<&SessionId>,
         frame: &Frame,
     ) -> Vec<UserId> {
-        let mut remote: HashMap<String, Vec<UserId>> = HashMap::new();
-        let mut offline = Vec::new();
-        for u in users {
-            let mut reached = false;
-            if let Some(s) = self.sessions.get(u) {
-                let _ = s.cast(session::SessionMsg::Deliver {
-                    room_id: room_id.clone(),
-                    seq,
-                    exclude: exclude.cloned(),
-                    frame: frame.clone(),
-                });
-                reached = true;
-            }
-            self.directory.for_each_remote(u, &self.node_id, |n| {
-                remote.entry(n.to_owned()).or_default().push(u.clone());
-                reached = true;
-            });
-            if !reached {
-                offline.push(u.clone());
-            }
-        }
-        for (node, users) in remote {
-            metrics::counter!("chatd_broker_deliver_published_total").increment(1);
-            self.publish(
-                Route::Node(node),
-                Event::Deliver {
-                    users,
-                    room_id: room_id.clone(),
-                    seq,
-                    exclude: exclude.cloned(),
-                    frame: frame.as_str().to_owned(),
-                },
-            )
-            .await;
-        }
+        let mut batch = fanout::Batch::new(self);
+        let offline = batch.add(users, room_id, seq, exclude, frame);
+        batch.send();
         offline
     }
 

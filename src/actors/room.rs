@@ -4,7 +4,8 @@
 //! The actor validates a send and hands it to its pipeline task, which takes
 //! every pending send of the room, appends them in one store call (the store
 //! group-commits across rooms), and only then acks each sender and fans the
-//! message out. The pipeline owns its queue, so an actor restart (crash,
+//! messages out ([`super::fanout`]: one group per destination node, never
+//! waiting for the broker). The pipeline owns its queue, so an actor restart (crash,
 //! operator stop) never drops a send that was accepted: the old pipeline
 //! finishes its queue, the new actor starts a new one, and sessions restore
 //! per-room order by `seq` (filling any gap from the store).
@@ -17,8 +18,8 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
-use super::Hub;
-use crate::broker::{Event, NotifyJob, Route};
+use super::{fanout, Hub};
+use crate::broker::NotifyJob;
 use crate::domain::{ClientMsgId, MessageBody, RoomId, Seq, UserId};
 use crate::protocol::{ack_frame, error_frame, message_frame, ServerFrame};
 use crate::socket::SocketHandle;
@@ -262,7 +263,7 @@ impl Actor for RoomActor {
                         .filter(|u| *u != &user)
                         .cloned()
                         .collect();
-                    st.hub.deliver(&to, &st.room_id, None, None, &frame).await;
+                    st.hub.deliver(&to, &st.room_id, None, None, &frame);
                 }
             }
             RoomMsg::Reload(reply) => {
@@ -361,7 +362,7 @@ async fn cursor(
             }
             .encode();
             let to = st.audience.hearing(&user);
-            st.hub.deliver(&to, &st.room_id, None, None, &frame).await;
+            st.hub.deliver(&to, &st.room_id, None, None, &frame);
         }
         Err(e) => {
             let (code, msg) = match e {
@@ -406,7 +407,9 @@ async fn inspect(st: &RoomState) -> RoomInfo {
 /// Most sends appended in one store call.
 const PIPELINE_BATCH: usize = 256;
 
-/// The ordered store → ack → fan-out loop of one room.
+/// The ordered store → ack → fan-out loop of one room. Acks depend on the
+/// store only; the fan-out of a batch hands each destination node one group
+/// and never waits for the broker.
 async fn pipeline(hub: Arc<Hub>, room_id: RoomId, mut rx: mpsc::Receiver<Pending>) {
     let mut batch: Vec<Pending> = Vec::with_capacity(PIPELINE_BATCH);
     loop {
@@ -419,8 +422,14 @@ async fn pipeline(hub: Arc<Hub>, room_id: RoomId, mut rx: mpsc::Receiver<Pending
         metrics::histogram!("chatd_store_append_seconds").record(started.elapsed().as_secs_f64());
         match results {
             Ok(results) => {
+                let mut out = fanout::Batch::new(&hub);
+                let mut jobs = Vec::new();
                 for (p, r) in batch.drain(..).zip(results) {
-                    finish(&hub, p, r).await;
+                    jobs.extend(finish(&mut out, p, r));
+                }
+                out.send();
+                for job in jobs {
+                    hub.fanout.notify(job);
                 }
             }
             Err(e) => {
@@ -433,7 +442,13 @@ async fn pipeline(hub: Arc<Hub>, room_id: RoomId, mut rx: mpsc::Receiver<Pending
     }
 }
 
-async fn finish(hub: &Hub, p: Pending, r: Result<Appended, StoreError>) {
+/// Acks one stored send and adds its frame to the batch's fan-out; returns
+/// the notification job for recipients with no socket, if any.
+fn finish(
+    out: &mut fanout::Batch<'_>,
+    p: Pending,
+    r: Result<Appended, StoreError>,
+) -> Option<NotifyJob> {
     let appended = match r {
         Ok(a) => a,
         Err(e) => {
@@ -446,7 +461,7 @@ async fn finish(hub: &Hub, p: Pending, r: Result<Appended, StoreError>) {
                 }
             };
             refuse(p.reply, &p.new.client_msg_id, se);
-            return;
+            return None;
         }
     };
     let exclude = match &p.reply {
@@ -465,36 +480,28 @@ async fn finish(hub: &Hub, p: Pending, r: Result<Appended, StoreError>) {
         }
     }
     if duplicate {
-        return;
+        return None;
     }
     metrics::counter!("chatd_messages_stored_total").increment(1);
     let frame = message_frame(&message);
     let to = p.audience.hearing(&message.sender_id);
-    let offline = hub
-        .deliver(
-            &to,
-            &message.room_id,
-            Some(message.seq),
-            exclude.as_ref(),
-            &frame,
-        )
-        .await;
+    let offline = out.add(
+        &to,
+        &message.room_id,
+        Some(message.seq),
+        exclude.as_ref(),
+        &frame,
+    );
     let recipients: Vec<UserId> = offline
         .into_iter()
         .filter(|u| u != &message.sender_id)
         .collect();
-    if !recipients.is_empty() {
-        hub.publish(
-            Route::Notify,
-            Event::Notify(NotifyJob {
-                room_id: message.room_id.clone(),
-                message_id: message.id.clone(),
-                seq: message.seq,
-                sender_id: message.sender_id.clone(),
-                recipients,
-                created_at: message.created_at.clone(),
-            }),
-        )
-        .await;
-    }
+    (!recipients.is_empty()).then(|| NotifyJob {
+        room_id: message.room_id.clone(),
+        message_id: message.id.clone(),
+        seq: message.seq,
+        sender_id: message.sender_id.clone(),
+        recipients,
+        created_at: message.created_at.clone(),
+    })
 }

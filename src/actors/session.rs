@@ -135,7 +135,6 @@ impl Actor for SessionActor {
                     .or_default()
                     .push(socket.clone());
                 st.sockets.push(socket.clone());
-                metrics::gauge!("chatd_connections").increment(1.0);
                 let first = !st.announced_online;
                 catch_up(st, &socket, true, first).await;
                 let _ = reply.send(());
@@ -153,9 +152,9 @@ impl Actor for SessionActor {
                 }
             }
             SessionMsg::Detach(id) => {
+                // (`chatd_connections` is kept by the socket task's guard.)
                 if let Some(pos) = st.sockets.iter().position(|s| s.id == id) {
                     st.sockets.swap_remove(pos);
-                    metrics::gauge!("chatd_connections").decrement(1.0);
                 }
                 st.hub.sockets.remove_if_mut(&st.user_id, |_, v| {
                     v.retain(|s| s.id != id);

@@ -8,10 +8,12 @@
 //! registration as the router and cannot drift from it.
 
 pub mod admin;
+pub mod attachments;
 pub mod auth;
 pub mod error;
 pub mod health;
 pub mod rooms;
+pub(crate) mod socket;
 pub mod socketio;
 pub mod users;
 pub mod web;
@@ -38,6 +40,8 @@ use crate::auth::{AuthService, AuthUser};
 pub struct AppState {
     pub hub: Arc<Hub>,
     pub auth: Arc<AuthService>,
+    /// Attachment bytes and metadata.
+    pub blobs: Arc<dyn crate::blobs::BlobStore>,
 }
 
 /// `axum::Json` whose rejections are the contract's errors.
@@ -179,7 +183,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
     let api = OpenApiRouter::new()
         .merge(auth::router())
         .merge(users::router())
-        .merge(rooms::router());
+        .merge(rooms::router())
+        .merge(attachments::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .nest("/admin/v1", admin::router())
@@ -213,10 +218,13 @@ async fn openapi_json() -> Result<impl IntoResponse, Error> {
 pub fn router(state: AppState) -> Router {
     let max_body = state.hub.settings.http.max_body_bytes;
     let (routes, _) = routes().split_for_parts();
+    // One registry for the node's `/ws` and Socket.IO sockets (per-user cap).
+    let sockets = crate::socket::SocketRegistry::new();
     routes
         .fallback(|| async { Error::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
-        .layer(socketio::layer(state.clone()))
+        .layer(socketio::layer(state.clone(), sockets.clone()))
+        .layer(axum::Extension(sockets))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .layer(axum::middleware::from_fn(count_requests))
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())

@@ -24,10 +24,18 @@
 //! - Authentication: a connect middleware checks `auth: {token}` (or the
 //!   `Authorization: Bearer` header, or `?access_token=`) and refuses the
 //!   connection (the client gets `connect_error`) when it is bad.
-//! - Emit errors: socketioxide's per-socket buffer is bounded; when it stays
-//!   full (the client does not read) for [`EMIT_PATIENCE`], the socket is
-//!   closed as a slow consumer (4008) so the client resyncs: a frame is
-//!   never dropped silently.
+//! - Emit errors: socketioxide's per-socket buffer is bounded; the pump
+//!   (the transport pump shared with `/ws`) waits for room at most
+//!   `ws.write_timeout_ms`, then closes the socket as a slow consumer
+//!   (4008) so the client resyncs: a frame is never dropped silently.
+//! - Per-user cap: a connect beyond `ws.max_sockets_per_user` (counting
+//!   `/ws` sockets too) is refused with `connect_error`
+//!   `too_many_sockets: ...`.
+//! - Timers: `[socketio]` sets the Engine.IO ping interval and timeout,
+//!   the connect timeout and the largest payload. socketioxide gives a
+//!   Socket.IO socket the id of its Engine.IO session (the protocol v5 asks
+//!   for distinct ids; socketioxide 0.18 routes packets by that one id, so
+//!   they cannot differ here).
 //! - Server-side closes (operator, slow consumer, store trouble) emit a
 //!   `close` event `{code, reason}` with the `/ws` close code, then
 //!   disconnect the socket. On shutdown the frames accepted before are
@@ -41,7 +49,6 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::{Map, Value as Json};
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State, TryData};
@@ -55,18 +62,16 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::socket::transport::{pump, stalled_reason, Gone, Outlet, WriteEnd, WriteLimits};
+use super::socket::{self, ping, Ctx};
 use super::AppState;
-use crate::actors::session::SessionMsg;
 use crate::auth::AuthUser;
 use crate::domain::ClientMsgId;
-use crate::protocol::{error_frame, ClientFrame, Frame, ServerFrame};
+use crate::protocol::{error_frame, ClientFrame, Frame};
 use crate::socket::{
-    CloseReason, SocketHandle, SocketInbox, CLOSE_GOING_AWAY, CLOSE_SLOW_CONSUMER,
+    CloseReason, SocketGuard, SocketHandle, SocketInbox, SocketRegistry, CLOSE_GOING_AWAY,
+    CLOSE_SLOW_CONSUMER,
 };
-
-/// How long the pump waits for room in socketioxide's buffer of a socket
-/// before closing it as a slow consumer.
-pub const EMIT_PATIENCE: Duration = Duration::from_secs(5);
 
 /// Client events queued per socket before further ones are refused
 /// (`rate_limited`).
@@ -74,18 +79,24 @@ const INBOUND_QUEUE: usize = 256;
 
 type Sock = Arc<Socket<LocalAdapter>>;
 
-/// The Socket.IO layer; mount it on the application router.
-pub fn layer(st: AppState) -> SocketIoLayer {
+/// The Socket.IO layer; mount it on the application router. `registry`
+/// counts this node's sockets (with `/ws`) under the per-user cap.
+pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SocketIoLayer {
     let ws = &st.hub.settings.ws;
+    let sio = &st.hub.settings.socketio;
     let pumps = TaskTracker::new();
     let (layer, io) = SocketIo::builder()
+        .ping_interval(Duration::from_millis(sio.ping_interval_ms.max(1)))
+        .ping_timeout(Duration::from_millis(sio.ping_timeout_ms.max(1)))
+        .connect_timeout(Duration::from_millis(sio.connect_timeout_ms.max(1)))
+        .max_payload(sio.max_payload_bytes.max(1))
         .max_buffer_size(ws.outbound_queue.max(16))
-        .max_payload(ws.max_frame_bytes.max(100_000) as u64)
         .ws_max_message_size(ws.max_frame_bytes)
         .ws_max_frame_size(ws.max_frame_bytes)
         .ws_read_buffer_size(ws.read_buffer_bytes)
         .with_state(st.clone())
         .with_state(Pumps(pumps.clone()))
+        .with_state(registry)
         .build_layer();
     io.ns("/", on_connect.with(authenticate));
     tokio::spawn(close_on_shutdown(st, io, pumps));
@@ -95,6 +106,13 @@ pub fn layer(st: AppState) -> SocketIoLayer {
 /// The pump tasks of this node's Socket.IO sockets (for shutdown).
 #[derive(Clone)]
 struct Pumps(TaskTracker);
+
+/// What the connect handler takes over from the middleware.
+struct Start {
+    inbox: SocketInbox,
+    events: mpsc::Receiver<Inbound>,
+    guard: SocketGuard,
+}
 
 /// One connected Socket.IO socket (in the socket's extensions).
 struct Conn {
@@ -106,7 +124,7 @@ struct Conn {
     /// Cancelled when the socket is gone.
     ended: CancellationToken,
     /// Taken by the connect handler.
-    start: Mutex<Option<(SocketInbox, mpsc::Receiver<Inbound>)>>,
+    start: Mutex<Option<Start>>,
 }
 
 /// A client event, queued in arrival order.
@@ -126,12 +144,13 @@ impl std::fmt::Display for Refused {
     }
 }
 
-/// The connect middleware: checks the token and prepares the socket. It
-/// runs before the client is told it is connected, so the event handler is
-/// in place before any event can arrive.
+/// The connect middleware: checks the token, admits the socket under the
+/// per-user cap and prepares it. It runs before the client is told it is
+/// connected, so the event handler is in place before any event can arrive.
 async fn authenticate(
     s: SocketRef,
     State(st): State<AppState>,
+    State(registry): State<Arc<SocketRegistry>>,
     TryData(auth): TryData<Json>,
 ) -> Result<(), Refused> {
     let from_auth = auth.ok().and_then(|a| {
@@ -151,11 +170,17 @@ async fn authenticate(
         .auth
         .verify_access(&token)
         .map_err(|_| Refused("unauthorized: invalid or expired access token"))?;
+    let guard = registry
+        .admit(&user.id, st.hub.settings.ws.max_sockets_per_user)
+        .map_err(|_| {
+            Refused("too_many_sockets: this user holds the most sockets allowed on this node")
+        })?;
     let (handle, inbox) = SocketHandle::new(user.id.clone(), st.hub.settings.ws.outbound_queue);
-    let (tx, rx) = mpsc::channel(INBOUND_QUEUE);
+    let (tx, events) = mpsc::channel(INBOUND_QUEUE);
     s.on_fallback(Enqueue {
         tx,
         handle: handle.clone(),
+        write_timeout: WriteLimits::of(&st.hub.settings.ws).write,
     });
     s.on_disconnect(on_disconnect);
     s.extensions.insert(Arc::new(Conn {
@@ -163,7 +188,11 @@ async fn authenticate(
         handle,
         pending: Mutex::new(HashMap::new()),
         ended: CancellationToken::new(),
-        start: Mutex::new(Some((inbox, rx))),
+        start: Mutex::new(Some(Start {
+            inbox,
+            events,
+            guard,
+        })),
     }));
     Ok(())
 }
@@ -187,11 +216,17 @@ async fn on_connect(
     State(Pumps(pumps)): State<Pumps>,
     Extension(conn): Extension<Arc<Conn>>,
 ) {
-    let Some((inbox, mut rx)) = conn.start.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+    let Some(Start {
+        inbox,
+        events: mut rx,
+        guard: _guard,
+    }) = conn.start.lock().unwrap_or_else(|e| e.into_inner()).take()
+    else {
         return;
     };
-    let pump = pumps.spawn(pump(s.clone(), conn.clone(), inbox));
-    if let Err(e) = super::ws::attach(&st, &conn.handle).await {
+    let limits = WriteLimits::of(&st.hub.settings.ws);
+    let pump = pumps.spawn(run_pump(s.clone(), conn.clone(), inbox, limits));
+    if let Err(e) = socket::attach(&st, &conn.handle).await {
         tracing::warn!(error = %e, "could not attach Socket.IO socket");
         conn.handle.close(1011, "server busy; reconnect");
     } else {
@@ -206,16 +241,9 @@ async fn on_connect(
                     rx.close();
                     while let Ok(m) = rx.try_recv() {
                         let (ack, f) = refusal(&m, "unavailable", CLOSING);
-                        reply(&s, &conn.handle, ack, f).await;
+                        reply(&s, &conn.handle, limits, ack, f).await;
                     }
-                    let drained = tokio::time::timeout(
-                        Duration::from_secs(30),
-                        st.hub.pipelines.wait(),
-                    )
-                    .await;
-                    if drained.is_err() {
-                        tracing::warn!("pipelines did not drain before closing a socket");
-                    }
+                    crate::socket::drain(&st.hub.pipelines, "a Socket.IO socket").await;
                     conn.handle.close(CLOSE_GOING_AWAY, "server shutting down");
                     break;
                 }
@@ -223,15 +251,13 @@ async fn on_connect(
                 m = rx.recv() => m,
             };
             let Some(m) = m else { break };
-            on_event(&st, &s, &conn, m).await;
+            on_event(&st, &s, &conn, limits, m).await;
             if conn.handle.is_closed() {
                 break;
             }
         }
     }
-    if let Some(session) = st.hub.sessions.get(&conn.user.id).map(|s| s.clone()) {
-        let _ = session.cast(SessionMsg::Detach(conn.handle.id.clone()));
-    }
+    socket::detach(&st, &conn.handle);
     if !conn.handle.is_closed() {
         conn.handle.close(1000, "bye");
     }
@@ -247,6 +273,7 @@ async fn on_disconnect(Extension(conn): Extension<Arc<Conn>>) {
 struct Enqueue {
     tx: mpsc::Sender<Inbound>,
     handle: SocketHandle,
+    write_timeout: Duration,
 }
 
 /// Marker for [`Enqueue`]'s handler impl.
@@ -284,7 +311,7 @@ impl MessageHandler<LocalAdapter, Queued> for Enqueue {
                 if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
                     ack_sender(&s, id).send(&frame_object(&f))
                 {
-                    slow_consumer(&self.handle);
+                    slow_consumer(&self.handle, self.write_timeout);
                 }
             }
             (None, f) => {
@@ -328,8 +355,9 @@ fn ack_sender(s: &Sock, id: i64) -> AckSender<LocalAdapter> {
 }
 
 /// Handles one client event: the payload (one JSON object; none for
-/// `ping`) plus `type` = the event name is a `/ws` frame.
-async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
+/// `ping`) plus `type` = the event name is a `/ws` frame, applied by the
+/// same dispatcher.
+async fn on_event(st: &AppState, s: &Sock, conn: &Conn, limits: WriteLimits, m: Inbound) {
     let Inbound {
         event,
         data,
@@ -337,7 +365,7 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
     } = m;
     // Only `send` and `ping` answer through the callback.
     let ack_id = ack_id.filter(|_| event == "send" || event == "ping");
-    let answer = |f: Frame| reply(s, &conn.handle, ack_id, f);
+    let answer = |f: Frame| reply(s, &conn.handle, limits, ack_id, f);
     let mut obj = match data {
         Ok(Json::Object(o)) => o,
         Ok(Json::Null) => Map::new(),
@@ -356,10 +384,9 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
         }
     };
     obj.insert("type".into(), Json::String(event));
-    let v = Json::Object(obj);
-    let frame = match ClientFrame::deserialize(&v) {
+    let frame = match socket::decode(&Json::Object(obj)) {
         Ok(f) => f,
-        Err(e) => return answer(super::ws::invalid_frame(Some(&v), &e)).await,
+        Err(e) => return answer(e).await,
     };
     match (&frame, ack_id) {
         (ClientFrame::Send { client_msg_id, .. }, Some(id)) => {
@@ -376,27 +403,34 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, m: Inbound) {
             }
         }
         (ClientFrame::Ping { nonce }, Some(_)) => {
-            return answer(
-                ServerFrame::Pong {
-                    nonce: nonce.as_ref(),
-                }
-                .encode(),
-            )
-            .await;
+            return answer(ping::pong(nonce.as_ref())).await;
         }
         _ => {}
     }
-    super::ws::on_frame(st, &conn.user, &conn.handle, frame).await;
+    let ctx = Ctx {
+        st,
+        user: &conn.user,
+        handle: &conn.handle,
+    };
+    socket::dispatch(ctx, frame).await;
 }
 
 /// Answers the client's callback `ack_id` with `f`, or queues `f` as an
 /// event when there is no callback. A client that does not read its
 /// answers is closed as a slow consumer.
-async fn reply(s: &Sock, handle: &SocketHandle, ack_id: Option<i64>, f: Frame) {
+async fn reply(
+    s: &Sock,
+    handle: &SocketHandle,
+    limits: WriteLimits,
+    ack_id: Option<i64>,
+    f: Frame,
+) {
     match ack_id {
         Some(id) => {
-            if let Emitted::Stuck = emit(s, "", &frame_object(&f), Some(id)).await {
-                slow_consumer(handle);
+            let sent =
+                tokio::time::timeout(limits.write, emit(s, "", &frame_object(&f), Some(id))).await;
+            if sent.is_err() {
+                slow_consumer(handle, limits.write);
             }
         }
         None => {
@@ -410,19 +444,14 @@ fn frame_object(f: &Frame) -> Map<String, Json> {
     serde_json::from_str(f.as_str()).unwrap_or_default()
 }
 
-/// What became of an emit.
-enum Emitted {
-    Sent,
-    /// The socket is gone.
-    Gone,
-    /// socketioxide's buffer stayed full: a slow consumer.
-    Stuck,
-}
-
 /// Emits `payload` as event `event`, or answers the callback `ack`,
-/// waiting (up to [`EMIT_PATIENCE`]) while socketioxide's buffer is full.
-async fn emit(s: &Sock, event: &str, payload: &Map<String, Json>, ack: Option<i64>) -> Emitted {
-    let deadline = tokio::time::Instant::now() + EMIT_PATIENCE;
+/// waiting while socketioxide's buffer is full (callers bound the wait).
+async fn emit(
+    s: &Sock,
+    event: &str,
+    payload: &Map<String, Json>,
+    ack: Option<i64>,
+) -> Result<(), Gone> {
     let mut pause = Duration::from_millis(1);
     loop {
         let r = match ack {
@@ -430,138 +459,107 @@ async fn emit(s: &Sock, event: &str, payload: &Map<String, Json>, ack: Option<i6
             None => s.emit(event, payload),
         };
         match r {
-            Ok(()) => return Emitted::Sent,
+            Ok(()) => return Ok(()),
             Err(SendError::Socket(SocketError::InternalChannelFull)) => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Emitted::Stuck;
-                }
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            Err(SendError::Socket(SocketError::Closed)) => return Emitted::Gone,
+            Err(SendError::Socket(SocketError::Closed)) => return Err(Gone),
             Err(SendError::Serialize(e)) => {
                 // Cannot happen for a JSON object; say so loudly if it does.
                 tracing::error!(error = %e, event, "could not encode a Socket.IO frame");
-                return Emitted::Sent;
+                return Ok(());
             }
         }
     }
 }
 
-/// Emits one frame of the socket's queue: to the waiting callback if it
-/// answers an acknowledged send, else as the event named by its `type`.
-async fn forward(s: &Sock, conn: &Conn, f: &Frame) -> Emitted {
-    let payload = frame_object(f);
-    let ty = payload.get("type").and_then(Json::as_str).unwrap_or("");
-    let key = match ty {
-        "ack" => payload.get("client_msg_id").and_then(Json::as_str),
-        "error" => payload.get("ref").and_then(Json::as_str),
-        _ => None,
-    };
-    let ack = key.and_then(|k| {
-        let mut pending = conn.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let q = pending.get_mut(k)?;
-        let id = q.pop_front();
-        if q.is_empty() {
-            pending.remove(k);
-        }
-        id
-    });
-    emit(s, ty, &payload, ack).await
+/// A Socket.IO socket as the pump's [`Outlet`]: each frame is emitted as
+/// the event named by its `type`, or answers the waiting callback of an
+/// acknowledged send.
+struct SioOutlet {
+    s: Sock,
+    conn: Arc<Conn>,
 }
 
-/// Drains the socket's queue into socketioxide until the socket ends or
-/// the server closes it.
-async fn pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox) {
-    loop {
-        tokio::select! {
-            biased;
-            f = inbox.rx.recv() => {
-                let Some(f) = f else { return };
-                match forward(&s, &conn, &f).await {
-                    Emitted::Sent => {}
-                    Emitted::Gone => return,
-                    Emitted::Stuck => {
-                        slow_consumer(&conn.handle);
-                        close(&s, &conn, &slow_reason(), true).await;
-                        return;
-                    }
+impl Outlet for SioOutlet {
+    async fn feed(&mut self, f: Frame) -> Result<(), Gone> {
+        let payload = frame_object(&f);
+        let ty = payload.get("type").and_then(Json::as_str).unwrap_or("");
+        let key = match ty {
+            "ack" => payload.get("client_msg_id").and_then(Json::as_str),
+            "error" => payload.get("ref").and_then(Json::as_str),
+            _ => None,
+        };
+        let ack = key.and_then(|k| {
+            let mut pending = self.conn.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let q = pending.get_mut(k)?;
+            let id = q.pop_front();
+            if q.is_empty() {
+                pending.remove(k);
+            }
+            id
+        });
+        emit(&self.s, ty, &payload, ack).await
+    }
+
+    async fn flush(&mut self) -> Result<(), Gone> {
+        // socketioxide's transport writes its buffer by itself.
+        Ok(())
+    }
+
+    /// Tells the client why (a `close` event with the `/ws` close code) and
+    /// disconnects it. On shutdown (1001) the socket stays:
+    /// [`close_on_shutdown`] closes the transports, so clients reconnect by
+    /// themselves.
+    async fn close(&mut self, reason: &CloseReason) -> Result<(), Gone> {
+        if !self.s.connected() || self.conn.ended.is_cancelled() {
+            return Err(Gone);
+        }
+        emit(&self.s, "close", &close_payload(reason), None).await?;
+        if reason.code == CLOSE_GOING_AWAY {
+            return Ok(());
+        }
+        // The disconnect packet needs room in the buffer too.
+        loop {
+            match SocketRef::from(self.s.clone()).disconnect() {
+                Err(SocketError::InternalChannelFull) => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                _ => return Ok(()),
             }
-            reason = inbox.closer.closed() => {
-                // Flush what is queued, then say why we close.
-                let mut stuck = false;
-                while let Ok(f) = inbox.rx.try_recv() {
-                    match forward(&s, &conn, &f).await {
-                        Emitted::Sent => {}
-                        Emitted::Gone => return,
-                        Emitted::Stuck => {
-                            slow_consumer(&conn.handle);
-                            stuck = true;
-                            break;
-                        }
-                    }
-                }
-                let reason = if stuck { slow_reason() } else { reason };
-                close(&s, &conn, &reason, stuck).await;
-                return;
-            }
-            _ = conn.ended.cancelled() => return,
         }
     }
 }
 
-fn slow_reason() -> CloseReason {
-    CloseReason {
-        code: CLOSE_SLOW_CONSUMER,
-        reason: "outbound queue full; resync",
-    }
-}
-
-fn slow_consumer(handle: &SocketHandle) {
-    metrics::counter!("chatd_slow_consumer_closed_total").increment(1);
-    tracing::info!(user = %handle.user_id, "Socket.IO client does not keep up; closing");
-    handle.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
-}
-
-/// Tells the client why (a `close` event with the `/ws` close code) and
-/// disconnects it. On shutdown (1001) the socket stays: [`close_on_shutdown`]
-/// closes the transports, so clients reconnect by themselves. For a `stuck`
-/// socket (full buffer) nothing waits for room.
-async fn close(s: &Sock, conn: &Conn, reason: &CloseReason, stuck: bool) {
-    if !s.connected() || conn.ended.is_cancelled() {
-        return;
-    }
+fn close_payload(reason: &CloseReason) -> Map<String, Json> {
     let mut payload = Map::new();
     payload.insert("type".into(), "close".into());
     payload.insert("code".into(), reason.code.into());
     payload.insert("reason".into(), reason.reason.into());
-    if stuck {
-        let _ = s.emit("close", &payload);
-    } else if let Emitted::Gone = emit(s, "close", &payload, None).await {
-        return;
-    }
-    if reason.code == CLOSE_GOING_AWAY {
-        return;
-    }
-    // The disconnect packet needs room in the buffer too; a client that
-    // reads nothing is closed by the engine.io heartbeat instead (its ping
-    // cannot be queued either), and reconnects.
-    let deadline = tokio::time::Instant::now() + EMIT_PATIENCE;
-    loop {
-        match SocketRef::from(s.clone()).disconnect() {
-            Err(SocketError::InternalChannelFull) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            Err(SocketError::InternalChannelFull) => {
-                tracing::info!(
-                    "could not queue a Socket.IO disconnect; the heartbeat ends the connection"
-                );
-                return;
-            }
-            _ => return,
+    payload
+}
+
+/// Pumps the socket's queue into socketioxide until the socket ends or the
+/// server closes it. A client that takes nothing is closed as a slow
+/// consumer: one attempt each to say so and to disconnect, without waiting
+/// (a client that reads nothing is then ended by the Engine.IO heartbeat,
+/// whose ping cannot be queued either).
+async fn run_pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox, limits: WriteLimits) {
+    let handle = conn.handle.clone();
+    let mut out = SioOutlet { s, conn };
+    if let WriteEnd::Stalled = pump(&mut out, &mut inbox, &handle, limits).await {
+        if out.s.connected() && !out.conn.ended.is_cancelled() {
+            let _ = out.s.emit("close", &close_payload(&stalled_reason()));
+            let _ = SocketRef::from(out.s.clone()).disconnect();
         }
     }
+}
+
+fn slow_consumer(handle: &SocketHandle, waited: Duration) {
+    metrics::counter!("chatd_slow_consumer_closed_total").increment(1);
+    tracing::info!(user = %handle.user_id, ?waited, "Socket.IO client does not keep up; closing");
+    handle.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
 }
 
 /// On shutdown: once the room pipelines drained (every accepted message is
@@ -569,9 +567,9 @@ async fn close(s: &Sock, conn: &Conn, reason: &CloseReason, stuck: bool) {
 /// transport close and reconnect, to another node behind the balancer).
 async fn close_on_shutdown(st: AppState, io: SocketIo, pumps: TaskTracker) {
     st.hub.shutdown.cancelled().await;
-    let _ = tokio::time::timeout(Duration::from_secs(30), st.hub.pipelines.wait()).await;
+    crate::socket::drain(&st.hub.pipelines, "Socket.IO").await;
     pumps.close();
-    if tokio::time::timeout(Duration::from_secs(30), pumps.wait())
+    if tokio::time::timeout(crate::socket::DRAIN_TIMEOUT, pumps.wait())
         .await
         .is_err()
     {

@@ -9,6 +9,8 @@
 pub mod inprocess;
 pub mod rabbitmq;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -68,6 +70,10 @@ pub enum Event {
         /// The serialized frame, sent as is.
         frame: String,
     },
+    /// Frames for the local sessions of their users, handed out in this
+    /// order: what one room pipeline batch (or several, coalesced) delivers
+    /// to one node, in one publish.
+    DeliverBatch { items: Vec<DeliverItem> },
     /// A node gained the first or lost the last socket of a user.
     Presence {
         user_id: UserId,
@@ -113,6 +119,24 @@ pub enum Event {
     /// A message that some members did not receive live.
     Notify(NotifyJob),
 }
+
+/// One frame of an [`Event::DeliverBatch`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeliverItem {
+    /// Recipients (those on the destination node get it).
+    pub users: Vec<UserId>,
+    pub room_id: RoomId,
+    /// Set for `message` frames (sessions keep per-room order with it).
+    pub seq: Option<Seq>,
+    /// The sending socket, which gets an ack instead of the echo.
+    pub exclude: Option<SessionId>,
+    /// The serialized frame, sent as is.
+    pub frame: String,
+}
+
+/// The outcome of a publish whose confirm is still on its way (see
+/// [`Broker::publish_start`]).
+pub type Confirm = Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send>>;
 
 /// Work for the notification pool: one stored message and the recipients
 /// who had no live socket when it was fanned out.
@@ -193,6 +217,19 @@ pub trait Broker: Send + Sync {
     /// Publishes; returns once the backend has taken responsibility
     /// (publisher confirm on RabbitMQ).
     async fn publish(&self, route: Route, envelope: Envelope) -> Result<(), BrokerError>;
+    /// Hands the envelope to the backend and returns at once with its
+    /// confirm as a future: envelopes started one after the other from one
+    /// task reach a queue in that order, and their confirms may be awaited
+    /// later, several at a time (pipelined). The default waits for the
+    /// confirm before returning.
+    async fn publish_start(
+        &self,
+        route: Route,
+        envelope: Envelope,
+    ) -> Result<Confirm, BrokerError> {
+        let r = self.publish(route, envelope).await;
+        Ok(Box::pin(std::future::ready(r)))
+    }
     /// Starts consuming a queue. Each queue is consumed once per process.
     async fn consume(&self, queue: Queue) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
     /// Connected and able to publish.

@@ -274,18 +274,79 @@ impl Broker for RabbitMq {
             }
             outcome = publish_once(inner, &live, exchange, &key, &body, &props).await;
         }
-        match &outcome {
-            Ok(()) => {
-                metrics::counter!("chatd_broker_published_total", "route" => route_label(&route))
-                    .increment(1)
-            }
-            Err(BrokerError::Unroutable(_)) => {
-                metrics::counter!("chatd_broker_returned_total", "route" => route_label(&route))
-                    .increment(1)
-            }
-            Err(_) => {}
-        }
+        count(&route, &outcome);
         outcome
+    }
+
+    async fn publish_start(
+        &self,
+        route: Route,
+        envelope: Envelope,
+    ) -> Result<Confirm, BrokerError> {
+        if !matches!(route, Route::Node(_)) {
+            // Other routes may need a redeclare and a retry: confirm first.
+            let r = self.publish(route, envelope).await;
+            return Ok(Box::pin(std::future::ready(r)));
+        }
+        let inner = self.inner.clone();
+        if !inner.ready.load(Ordering::Acquire) {
+            return Err(BrokerError::Unavailable("not connected to RabbitMQ".into()));
+        }
+        let live = inner
+            .live
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .ok_or_else(|| BrokerError::Unavailable("not connected to RabbitMQ".into()))?;
+        let body = serde_json::to_vec(&envelope)
+            .map_err(|e| BrokerError::Other(format!("cannot encode envelope: {e}")))?;
+        let Route::Node(n) = &route else {
+            unreachable!("checked above")
+        };
+        let key = inner.names.node_key(n);
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type(event_kind(&envelope.event).into())
+            .with_app_id("chatd".into())
+            .with_delivery_mode(1);
+        let sent = tokio::time::timeout(
+            inner.confirm_timeout,
+            live.channel.basic_publish(
+                inner.names.cluster_exchange.as_str().into(),
+                key.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    immediate: false,
+                },
+                &body,
+                props,
+            ),
+        )
+        .await;
+        let pending = match sent {
+            Err(_) => {
+                return Err(fail(
+                    &inner,
+                    live.epoch,
+                    format!("publish not taken within {:?}", inner.confirm_timeout),
+                ))
+            }
+            Ok(Err(e)) => return Err(fail(&inner, live.epoch, format!("publish: {e}"))),
+            Ok(Ok(p)) => p,
+        };
+        Ok(Box::pin(async move {
+            let outcome = match tokio::time::timeout(inner.confirm_timeout, pending).await {
+                Err(_) => Err(fail(
+                    &inner,
+                    live.epoch,
+                    format!("no publisher confirm within {:?}", inner.confirm_timeout),
+                )),
+                Ok(Err(e)) => Err(fail(&inner, live.epoch, format!("publish: {e}"))),
+                Ok(Ok(c)) => confirmation(c, &inner.names.cluster_exchange, &key),
+            };
+            count(&route, &outcome);
+            outcome
+        }))
     }
 
     async fn consume(&self, queue: Queue) -> Result<mpsc::Receiver<Delivery>, BrokerError> {
@@ -342,6 +403,37 @@ impl Broker for RabbitMq {
     }
 }
 
+/// Counts a publish's outcome by route.
+fn count(route: &Route, outcome: &Result<(), BrokerError>) {
+    match outcome {
+        Ok(()) => metrics::counter!("chatd_broker_published_total", "route" => route_label(route))
+            .increment(1),
+        Err(BrokerError::Unroutable(_)) => {
+            metrics::counter!("chatd_broker_returned_total", "route" => route_label(route))
+                .increment(1)
+        }
+        Err(_) => {}
+    }
+}
+
+/// What a publisher confirm means: taken, refused, or returned (unroutable).
+fn confirmation(c: lapin::Confirmation, exchange: &str, key: &str) -> Result<(), BrokerError> {
+    if c.is_nack() {
+        // The broker refused responsibility (e.g. an internal error):
+        // nothing was taken, the caller treats it like an outage.
+        return Err(BrokerError::Unavailable(
+            "publish nacked by RabbitMQ".into(),
+        ));
+    }
+    match c.take_message() {
+        None => Ok(()),
+        Some(returned) => Err(BrokerError::Unroutable(format!(
+            "{exchange}/{key}: {}",
+            returned.reply_text
+        ))),
+    }
+}
+
 fn route_label(route: &Route) -> &'static str {
     match route {
         Route::Node(_) => "node",
@@ -353,6 +445,7 @@ fn route_label(route: &Route) -> &'static str {
 fn event_kind(e: &Event) -> &'static str {
     match e {
         Event::Deliver { .. } => "deliver",
+        Event::DeliverBatch { .. } => "deliver_batch",
         Event::Presence { .. } => "presence",
         Event::RoomChanged { .. } => "room_changed",
         Event::BlocksChanged { .. } => "blocks_changed",
@@ -406,20 +499,7 @@ async fn publish_once(
             format!("no publisher confirm within {:?}", inner.confirm_timeout),
         )),
         Ok(Err(e)) => Err(fail(inner, live.epoch, format!("publish: {e}"))),
-        Ok(Ok(c)) if c.is_nack() => {
-            // The broker refused responsibility (e.g. an internal error):
-            // nothing was taken, the caller treats it like an outage.
-            Err(BrokerError::Unavailable(
-                "publish nacked by RabbitMQ".into(),
-            ))
-        }
-        Ok(Ok(c)) => match c.take_message() {
-            None => Ok(()),
-            Some(returned) => Err(BrokerError::Unroutable(format!(
-                "{exchange}/{key}: {}",
-                returned.reply_text
-            ))),
-        },
+        Ok(Ok(c)) => confirmation(c, exchange, key),
     }
 }
 

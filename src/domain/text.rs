@@ -24,6 +24,10 @@ pub struct Limits {
     pub group_max_members: usize,
     /// Longest display name or room name, in characters.
     pub name_max: usize,
+    /// Largest attachment upload, in bytes (more is 413).
+    pub attachment_max_bytes: u64,
+    /// Seconds an upload may stay unattached to a message before it is removed.
+    pub attachment_unattached_ttl_secs: u64,
 }
 
 impl Default for Limits {
@@ -37,6 +41,8 @@ impl Default for Limits {
             client_msg_id_max: 64,
             group_max_members: 1000,
             name_max: 64,
+            attachment_max_bytes: 25 * 1024 * 1024,
+            attachment_unattached_ttl_secs: 86_400,
         }
     }
 }
