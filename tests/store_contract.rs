@@ -481,3 +481,273 @@ fn db_bytes(path: &std::path::Path) -> i64 {
     )
     .unwrap()
 }
+
+/// The schema of chatd's SQLite store before version 2, as it shipped.
+const SCHEMA_V1: &str = r#"
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE users (
+    id TEXT PRIMARY KEY, username TEXT NOT NULL UNIQUE, email TEXT NOT NULL UNIQUE,
+    display_name TEXT, password_hash TEXT NOT NULL, created_at TEXT NOT NULL, last_seen TEXT,
+    notify_push INTEGER NOT NULL DEFAULT 1, notify_email INTEGER NOT NULL DEFAULT 1
+);
+CREATE TABLE refresh_tokens (
+    hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, family_id TEXT NOT NULL,
+    expires_at INTEGER NOT NULL, used INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX refresh_tokens_family ON refresh_tokens(family_id);
+CREATE TABLE devices (
+    token TEXT PRIMARY KEY, user_id TEXT NOT NULL, platform TEXT NOT NULL, created_at TEXT NOT NULL
+);
+CREATE INDEX devices_user ON devices(user_id);
+CREATE TABLE blocks (
+    blocker_id TEXT NOT NULL, blocked_id TEXT NOT NULL, created_at TEXT NOT NULL,
+    PRIMARY KEY (blocker_id, blocked_id)
+);
+CREATE INDEX blocks_blocked ON blocks(blocked_id);
+CREATE TABLE rooms (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, direct_key TEXT UNIQUE,
+    created_at TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE room_members (
+    room_id TEXT NOT NULL, user_id TEXT NOT NULL, role TEXT NOT NULL,
+    delivered_seq INTEGER NOT NULL DEFAULT 0, read_seq INTEGER NOT NULL DEFAULT 0,
+    joined_at TEXT NOT NULL, PRIMARY KEY (room_id, user_id)
+);
+CREATE INDEX room_members_user ON room_members(user_id);
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY, room_id TEXT NOT NULL, seq INTEGER NOT NULL, sender_id TEXT NOT NULL,
+    client_msg_id TEXT NOT NULL, body TEXT NOT NULL, created_at TEXT NOT NULL,
+    UNIQUE (room_id, seq), UNIQUE (room_id, sender_id, client_msg_id)
+);
+INSERT INTO meta VALUES ('schema_version', '1'), ('backend', 'sqlite');
+INSERT INTO users(id, username, email, display_name, password_hash, created_at) VALUES
+    ('019ad0000000700080000000000000a1', 'alice', 'alice@example.com', 'Alice', '$argon2id$a', '2026-01-01T00:00:00.000Z'),
+    ('019ad0000000700080000000000000b2', 'bob', 'bob@example.com', NULL, '$argon2id$b', '2026-01-01T00:00:01.000Z'),
+    ('019ad0000000700080000000000000c3', 'carol', 'carol@example.com', NULL, '$argon2id$c', '2026-01-01T00:00:02.000Z');
+INSERT INTO rooms(id, kind, name, direct_key, created_at, last_seq) VALUES
+    ('019ad00000007000800000000000d001', 'direct', NULL,
+     '019ad0000000700080000000000000a1:019ad0000000700080000000000000b2', '2026-01-01T00:01:00.000Z', 3),
+    ('019ad00000007000800000000000e002', 'group', 'team', NULL, '2026-01-01T00:02:00.000Z', 2);
+INSERT INTO room_members VALUES
+    ('019ad00000007000800000000000d001', '019ad0000000700080000000000000a1', 'member', 3, 2, '2026-01-01T00:01:00.000Z'),
+    ('019ad00000007000800000000000d001', '019ad0000000700080000000000000b2', 'member', 1, 1, '2026-01-01T00:01:00.000Z'),
+    ('019ad00000007000800000000000e002', '019ad0000000700080000000000000a1', 'owner', 2, 2, '2026-01-01T00:02:00.000Z'),
+    ('019ad00000007000800000000000e002', '019ad0000000700080000000000000c3', 'admin', 0, 0, '2026-01-01T00:02:00.001Z');
+INSERT INTO messages VALUES
+    ('019ad0000000700080000000000f0001', '019ad00000007000800000000000d001', 1,
+     '019ad0000000700080000000000000a1', 'c1', 'hello 👋', '2026-01-01T00:03:00.123Z'),
+    ('m-legacy-2', '019ad00000007000800000000000d001', 2,
+     '019ad0000000700080000000000000b2', '6f9619ff-8b86-4d11-b42d-00c04fc964ff', 'hi', '2026-01-01T00:03:01Z'),
+    ('019ad0000000700080000000000f0003', '019ad00000007000800000000000d001', 3,
+     '019ad0000000700080000000000000a1', 'C-Upper', 'line one
+line "two"', '2026-01-01T00:03:02.000+01:00'),
+    ('019ad0000000700080000000000f0004', '019ad00000007000800000000000e002', 1,
+     '019ad0000000700080000000000000c3', 'c1', 'group one', '2026-01-01T00:04:00.000Z'),
+    ('019ad0000000700080000000000f0005', '019ad00000007000800000000000e002', 2,
+     '019ad0000000700080000000000000a1', 'c1', 'group two', '2026-01-01T00:04:01.000Z');
+INSERT INTO blocks VALUES ('019ad0000000700080000000000000c3', '019ad0000000700080000000000000b2', '2026-01-01T00:05:00.000Z');
+INSERT INTO devices VALUES ('tok-a', '019ad0000000700080000000000000a1', 'android', '2026-01-01T00:06:00.000Z');
+INSERT INTO refresh_tokens VALUES ('h1', '019ad0000000700080000000000000a1', 'fam', 4000000000, 0);
+"#;
+
+/// Every message of a room, oldest first.
+async fn all_messages(s: &store::Stores, room: &str) -> Vec<store::Message> {
+    let q = store::HistoryQuery {
+        before: None,
+        after: Some(0),
+        limit: 1000,
+    };
+    s.messages
+        .history(&chatd::domain::RoomId::from_trusted(room), q)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_migrates_a_version_1_database_with_nothing_lost() {
+    use chatd::domain::{ClientMsgId, MessageBody, MessageId, RoomId, UserId};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v1.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(SCHEMA_V1)
+        .unwrap();
+    let mut cfg = Settings::defaults().store;
+    cfg.sqlite.path = path.to_string_lossy().into_owned();
+    let lite = std::sync::Arc::new(
+        chatd::store::sqlite::SqliteStore::open(&cfg.sqlite)
+            .await
+            .unwrap(),
+    );
+    let s = store::Stores::from_backend(lite.clone());
+    let (alice, bob, carol) = (
+        UserId::from_trusted("019ad0000000700080000000000000a1"),
+        UserId::from_trusted("019ad0000000700080000000000000b2"),
+        UserId::from_trusted("019ad0000000700080000000000000c3"),
+    );
+    let direct = RoomId::from_trusted("019ad00000007000800000000000d001");
+    let team = RoomId::from_trusted("019ad00000007000800000000000e002");
+
+    // Every message as it was: id, seq, sender, client_msg_id, body, time.
+    let seen: Vec<_> = all_messages(&s, direct.as_str())
+        .await
+        .into_iter()
+        .map(|m| {
+            (
+                m.id.to_string(),
+                m.seq,
+                m.sender_id.to_string(),
+                m.client_msg_id.as_str().to_owned(),
+                m.body.as_str().to_owned(),
+                m.created_at,
+            )
+        })
+        .collect();
+    let own = |a: &str, b: i64, c: &str, d: &str, e: &str, f: &str| {
+        (a.into(), b, c.into(), d.into(), e.into(), f.into())
+    };
+    assert_eq!(
+        seen,
+        vec![
+            own(
+                "019ad0000000700080000000000f0001",
+                1,
+                alice.as_str(),
+                "c1",
+                "hello 👋",
+                "2026-01-01T00:03:00.123Z"
+            ),
+            own(
+                "m-legacy-2",
+                2,
+                bob.as_str(),
+                "6f9619ff-8b86-4d11-b42d-00c04fc964ff",
+                "hi",
+                "2026-01-01T00:03:01Z"
+            ),
+            own(
+                "019ad0000000700080000000000f0003",
+                3,
+                alice.as_str(),
+                "C-Upper",
+                "line one\nline \"two\"",
+                "2026-01-01T00:03:02.000+01:00"
+            ),
+        ]
+    );
+    let group = all_messages(&s, team.as_str()).await;
+    assert_eq!(
+        group
+            .iter()
+            .map(|m| (m.seq, m.body.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(1, "group one"), (2, "group two")]
+    );
+
+    // Cursors, roles, blocks, devices, tokens and users are intact.
+    let room = s.rooms.room(&direct).await.unwrap().unwrap();
+    assert_eq!(room.last_seq, 3);
+    let m = room.member(&alice).unwrap();
+    assert_eq!((m.delivered_seq, m.read_seq), (3, 2));
+    let cursors = s.rooms.cursors_for_user(&bob).await.unwrap();
+    assert_eq!(
+        cursors
+            .iter()
+            .map(|c| (c.last_seq, c.delivered_seq, c.read_seq))
+            .collect::<Vec<_>>(),
+        vec![(3, 1, 1)]
+    );
+    let t = s.rooms.room(&team).await.unwrap().unwrap();
+    assert_eq!(t.member(&carol).unwrap().role, store::Role::Admin);
+    assert_eq!(s.users.blocked_by(&carol).await.unwrap(), vec![bob.clone()]);
+    assert_eq!(s.users.devices(&alice).await.unwrap()[0].token, "tok-a");
+    let (u, hash) = s.users.credentials("alice").await.unwrap().unwrap();
+    assert_eq!((u.id, hash.as_str()), (alice.clone(), "$argon2id$a"));
+    let (dm, created) = s.rooms.create_direct(&bob, &alice).await.unwrap();
+    assert!(!created);
+    assert_eq!(dm.id, direct);
+    // Bob read up to 1: Alice's message 3 is unread (his own 2 never is).
+    let summary = s.rooms.rooms_for_user(&bob).await.unwrap();
+    assert_eq!(summary[0].last_message.as_ref().unwrap().seq, 3);
+    assert_eq!(summary[0].unread, 1);
+
+    // Resends of old messages stay duplicates (with the old ids); new ones
+    // continue the seq.
+    let send = |room: &RoomId, from: &UserId, cmid: &str, body: &str| store::NewMessage {
+        room_id: room.clone(),
+        sender_id: from.clone(),
+        client_msg_id: ClientMsgId::from_trusted(cmid.into()),
+        body: MessageBody::from_trusted(body.into()),
+    };
+    let r = s
+        .messages
+        .append_batch(vec![
+            send(&direct, &alice, "c1", "again"),
+            send(
+                &direct,
+                &bob,
+                "6f9619ff-8b86-4d11-b42d-00c04fc964ff",
+                "again",
+            ),
+            send(&direct, &alice, "C-Upper", "again"),
+            send(&direct, &alice, "c-upper", "not the same id"),
+            send(&team, &alice, "c1", "again"),
+        ])
+        .await
+        .unwrap();
+    let r: Vec<_> = r.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        r.iter()
+            .map(|a| (a.duplicate, a.message.seq, a.message.id.to_string()))
+            .collect::<Vec<_>>()[..3],
+        [
+            (true, 1, "019ad0000000700080000000000f0001".to_owned()),
+            (true, 2, "m-legacy-2".to_owned()),
+            (true, 3, "019ad0000000700080000000000f0003".to_owned()),
+        ]
+    );
+    assert!(!r[3].duplicate);
+    assert_eq!(r[3].message.seq, 4);
+    assert!((r[4].duplicate, r[4].message.seq) == (true, 2));
+    assert_eq!(s.rooms.room(&direct).await.unwrap().unwrap().last_seq, 4);
+
+    // Old and new messages are found by (room, id); not through another room.
+    for (room, id, seq) in [
+        (&direct, "m-legacy-2".to_owned(), 2),
+        (&direct, "019ad0000000700080000000000f0001".to_owned(), 1),
+        (&direct, r[3].message.id.to_string(), 4),
+        (&team, "019ad0000000700080000000000f0005".to_owned(), 2),
+    ] {
+        let found = lite
+            .message_by_id(room, &MessageId::from_trusted(id.as_str()))
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{id} in {room}"));
+        assert_eq!((found.seq, found.id.as_str()), (seq, id.as_str()));
+    }
+    assert!(lite
+        .message_by_id(&team, &r[3].message.id)
+        .await
+        .unwrap()
+        .is_none());
+    let c = rusqlite::Connection::open(&path).unwrap();
+    let v: String = c
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(v, chatd::store::sqlite::SCHEMA_VERSION);
+    drop(c);
+
+    // And the migrated store exports.
+    let out = std::fs::File::create(dir.path().join("v1.jsonl")).unwrap();
+    let counts = chatd::store::transfer::export(&cfg, out, false)
+        .await
+        .unwrap();
+    assert_eq!(
+        (counts.users, counts.rooms, counts.members, counts.messages),
+        (3, 2, 4, 6)
+    );
+}

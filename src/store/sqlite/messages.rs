@@ -1,26 +1,83 @@
 //! [`MessageStore`] on SQLite: appends (see [`super::append`]) and history.
 
-use std::collections::HashSet;
-
 use async_trait::async_trait;
-use rusqlite::params;
+use rusqlite::{params, Connection, OptionalExtension};
 
-use super::append::append_one;
+use super::codec::{dec_cmid, dec_id, dec_time, enc_id, parse_derived};
 use super::{sql_err, SqliteStore};
 use crate::store::*;
 
-pub(super) const MSG_COLS: &str = "id, room_id, seq, sender_id, client_msg_id, body, created_at";
+/// The columns [`row_message`] reads, from `messages m JOIN users u ON
+/// u.key = m.sender_key`.
+pub(super) const MSG_COLS: &str = "m.id, m.seq, u.id, m.client_msg_id, m.body, m.created_at";
 
-pub(super) fn row_message(r: &rusqlite::Row<'_>) -> rusqlite::Result<Message> {
+/// A message of the room `room_id` (whose key is `room_key`).
+pub(super) fn row_message(
+    r: &rusqlite::Row<'_>,
+    room_id: &RoomId,
+    room_key: i64,
+) -> rusqlite::Result<Message> {
+    let seq: i64 = r.get(1)?;
     Ok(Message {
-        id: MessageId::from_trusted(r.get::<_, String>(0)?),
-        room_id: RoomId::from_trusted(r.get::<_, String>(1)?),
-        seq: r.get(2)?,
-        sender_id: UserId::from_trusted(r.get::<_, String>(3)?),
-        client_msg_id: ClientMsgId::from_trusted(r.get(4)?),
-        body: MessageBody::from_trusted(r.get(5)?),
-        created_at: r.get(6)?,
+        id: MessageId::from_trusted(dec_id(r.get_ref(0)?, r.get_ref(5)?, room_key, seq)?),
+        room_id: room_id.clone(),
+        seq,
+        sender_id: UserId::from_trusted(r.get::<_, String>(2)?),
+        client_msg_id: ClientMsgId::from_trusted(dec_cmid(r.get_ref(3)?)?),
+        body: MessageBody::from_trusted(r.get(4)?),
+        created_at: dec_time(r.get_ref(5)?)?,
     })
+}
+
+/// The key of a room, if it exists.
+pub(super) fn room_key(c: &Connection, room: &RoomId) -> Result<Option<i64>, StoreError> {
+    c.prepare_cached("SELECT key FROM rooms WHERE id = ?1")
+        .and_then(|mut st| st.query_row([room.as_str()], |r| r.get(0)).optional())
+        .map_err(sql_err)
+}
+
+impl SqliteStore {
+    /// One message of a room by its id, without scanning the room: a
+    /// derived id (every message appended by schema 2) names its row's
+    /// primary key `(room_key, seq)`; any other id (migrated or imported
+    /// messages) is found through the partial index on stored ids.
+    pub async fn message_by_id(
+        &self,
+        room: &RoomId,
+        id: &MessageId,
+    ) -> Result<Option<Message>, StoreError> {
+        let (room, id) = (room.clone(), id.clone());
+        self.read(move |c| {
+            let Some(key) = room_key(c, &room)? else {
+                return Ok(None);
+            };
+            if let Some((ms, rk, seq)) = parse_derived(id.as_str()).filter(|d| d.1 == key) {
+                let found = c
+                    .prepare_cached(&format!(
+                        "SELECT {MSG_COLS} FROM messages m JOIN users u ON u.key = m.sender_key
+                         WHERE m.room_key = ?1 AND m.seq = ?2 AND m.id IS NULL AND m.created_at = ?3"
+                    ))
+                    .and_then(|mut st| {
+                        st.query_row(params![rk, seq, ms], |r| row_message(r, &room, key))
+                            .optional()
+                    })
+                    .map_err(sql_err)?;
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+            c.prepare_cached(&format!(
+                "SELECT {MSG_COLS} FROM messages m JOIN users u ON u.key = m.sender_key
+                 WHERE m.id = ?1 AND m.room_key = ?2"
+            ))
+            .and_then(|mut st| {
+                st.query_row(params![enc_id(id.as_str()), key], |r| row_message(r, &room, key))
+                    .optional()
+            })
+            .map_err(sql_err)
+        })
+        .await
+    }
 }
 
 #[async_trait]
@@ -29,20 +86,8 @@ impl MessageStore for SqliteStore {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError> {
-        self.write(move |c| {
-            // Expected refusals (not a member, no such room) happen before
-            // any write of that message; an SQL error fails the whole job,
-            // whose savepoint rolls back every message of the batch. So a
-            // seq bump is never left without its message (no gap), without
-            // a savepoint per message.
-            let mut out = Vec::with_capacity(batch.len());
-            let mut members: HashSet<(RoomId, UserId)> = HashSet::new();
-            for m in batch {
-                out.push(append_one(c, m, &mut members)?);
-            }
-            Ok(out)
-        })
-        .await
+        self.write(move |c| super::append::append_batch(c, batch))
+            .await
     }
 
     async fn history(&self, room: &RoomId, q: HistoryQuery) -> Result<Vec<Message>, StoreError> {
@@ -53,14 +98,19 @@ impl MessageStore for SqliteStore {
             // Only `before` (or nothing): the newest page; otherwise the
             // oldest page after `after`. Either way answered ascending.
             let newest_first = q.after.is_none();
-            let sql = if newest_first {
-                format!("SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND seq < ?2 AND seq > ?3 ORDER BY seq DESC LIMIT ?4")
-            } else {
-                format!("SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND seq < ?2 AND seq > ?3 ORDER BY seq ASC LIMIT ?4")
+            let Some(key) = room_key(c, &room)? else {
+                return Ok(Vec::new());
             };
+            let order = if newest_first { "DESC" } else { "ASC" };
+            let sql = format!(
+                "SELECT {MSG_COLS} FROM messages m JOIN users u ON u.key = m.sender_key
+                 WHERE m.room_key = ?1 AND m.seq < ?2 AND m.seq > ?3 ORDER BY m.seq {order} LIMIT ?4"
+            );
             let mut st = c.prepare_cached(&sql).map_err(sql_err)?;
             let mut rows = st
-                .query_map(params![room.as_str(), before, after, q.limit], row_message)
+                .query_map(params![key, before, after, q.limit], |r| {
+                    row_message(r, &room, key)
+                })
                 .map_err(sql_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(sql_err)?;

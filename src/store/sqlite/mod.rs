@@ -1,6 +1,6 @@
 //! The embedded SQLite backend: one file in WAL mode.
 //!
-//! Every write goes to one writer thread ([`writer`]) that takes all pending
+//! Every write goes to one writer thread (`writer`) that takes all pending
 //! writes, runs each in its own savepoint inside ONE transaction, commits,
 //! and only then answers each caller: group commit, so "acked means durable"
 //! costs one fsync per batch, not per message. Reads run on a small pool of
@@ -9,13 +9,18 @@
 //! a room's `seq` is assigned inside the writing transaction, so they never
 //! collide.
 //!
-//! One file per aggregate trait ([`users`], [`auth`], [`rooms`],
-//! [`messages`]); the hot path of appends in [`append`]; the DDL and its
-//! migrations in [`schema`].
+//! One file per aggregate trait (`users`, `auth`, `rooms`,
+//! `messages`); the hot path of appends in `append` with the compact
+//! column encodings in `codec`; the DDL in `schema` and older schemas'
+//! upgrades in `migrate`; export/import in `dump`. The tables are
+//! described in docs/store-sqlite.md.
 
 mod append;
 mod auth;
+mod codec;
+mod dump;
 mod messages;
+mod migrate;
 mod rooms;
 mod schema;
 mod users;

@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::messages::{row_message, MSG_COLS};
+use super::messages::{room_key, row_message, MSG_COLS};
 use super::users::ids;
 use super::{sql_err, SqliteStore};
 use crate::domain::now_rfc3339;
@@ -163,7 +163,9 @@ impl RoomStore for SqliteStore {
                     .prepare_cached("SELECT room_id, read_seq FROM room_members WHERE user_id = ?1")
                     .map_err(sql_err)?;
                 let rows = st
-                    .query_map([user.as_str()], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                    .query_map([user.as_str()], |r| {
+                        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+                    })
                     .map_err(sql_err)?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(sql_err)?;
@@ -171,25 +173,37 @@ impl RoomStore for SqliteStore {
             };
             let mut out = Vec::with_capacity(room_ids.len());
             for (rid, read_seq) in room_ids {
-                let Some(room) = load_room(c, &rid)? else { continue };
+                let Some(room) = load_room(c, &rid)? else {
+                    continue;
+                };
+                let Some(key) = room_key(c, &room.id)? else {
+                    continue;
+                };
+                // Senders as keys, so neither query joins users per message.
+                let hidden = "SELECT u.key FROM blocks b JOIN users u ON u.id = b.blocked_id
+                              WHERE b.blocker_id = ?2";
                 let last_message = c
-                    .query_row(
-                        &format!(
-                            "SELECT {MSG_COLS} FROM messages WHERE room_id = ?1 AND sender_id NOT IN
-                             (SELECT blocked_id FROM blocks WHERE blocker_id = ?2) ORDER BY seq DESC LIMIT 1"
-                        ),
-                        params![rid, user.as_str()],
-                        row_message,
-                    )
-                    .optional()
+                    .prepare_cached(&format!(
+                        "SELECT {MSG_COLS} FROM messages m JOIN users u ON u.key = m.sender_key
+                         WHERE m.room_key = ?1 AND m.sender_key NOT IN ({hidden})
+                         ORDER BY m.seq DESC LIMIT 1"
+                    ))
+                    .and_then(|mut st| {
+                        st.query_row(params![key, user.as_str()], |r| {
+                            row_message(r, &room.id, key)
+                        })
+                        .optional()
+                    })
                     .map_err(sql_err)?;
                 let unread: i64 = c
-                    .query_row(
-                        "SELECT COUNT(*) FROM messages WHERE room_id = ?1 AND seq > ?2 AND sender_id != ?3
-                         AND sender_id NOT IN (SELECT blocked_id FROM blocks WHERE blocker_id = ?3)",
-                        params![rid, read_seq, user.as_str()],
-                        |r| r.get(0),
-                    )
+                    .prepare_cached(&format!(
+                        "SELECT COUNT(*) FROM messages m WHERE m.room_key = ?1 AND m.seq > ?3
+                         AND m.sender_key != (SELECT key FROM users WHERE id = ?2)
+                         AND m.sender_key NOT IN ({hidden})"
+                    ))
+                    .and_then(|mut st| {
+                        st.query_row(params![key, user.as_str(), read_seq], |r| r.get(0))
+                    })
                     .map_err(sql_err)?;
                 out.push(RoomSummary {
                     room,
@@ -198,8 +212,16 @@ impl RoomStore for SqliteStore {
                 });
             }
             out.sort_by(|x, y| {
-                let tx = x.last_message.as_ref().map(|m| m.created_at.as_str()).unwrap_or(&x.room.created_at);
-                let ty = y.last_message.as_ref().map(|m| m.created_at.as_str()).unwrap_or(&y.room.created_at);
+                let tx = x
+                    .last_message
+                    .as_ref()
+                    .map(|m| m.created_at.as_str())
+                    .unwrap_or(&x.room.created_at);
+                let ty = y
+                    .last_message
+                    .as_ref()
+                    .map(|m| m.created_at.as_str())
+                    .unwrap_or(&y.room.created_at);
                 ty.cmp(tx)
             });
             Ok(out)

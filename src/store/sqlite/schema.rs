@@ -5,16 +5,21 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension};
 
-use super::sql_err;
+use super::{migrate, sql_err};
 use crate::store::StoreError;
 
-/// Schema version this build reads and writes.
-pub const SCHEMA_VERSION: &str = "1";
+/// Schema version this build reads and writes (version 1 is migrated).
+pub const SCHEMA_VERSION: &str = "2";
 
-const SCHEMA: &str = r#"
+/// The tables of version 2. Users and rooms get a compact integer `key`
+/// (their rowid) that messages use instead of the 32-character ids; see
+/// docs/store-sqlite.md for the encodings of the `BLOB`-declared columns
+/// (no affinity: each holds an integer, a 16-byte blob or text as given).
+pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS users (
-    id TEXT PRIMARY KEY,
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
     username TEXT NOT NULL UNIQUE,
     email TEXT NOT NULL UNIQUE,
     display_name TEXT,
@@ -47,7 +52,8 @@ CREATE TABLE IF NOT EXISTS blocks (
 );
 CREATE INDEX IF NOT EXISTS blocks_blocked ON blocks(blocked_id);
 CREATE TABLE IF NOT EXISTS rooms (
-    id TEXT PRIMARY KEY,
+    key INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
     kind TEXT NOT NULL,
     name TEXT,
     direct_key TEXT UNIQUE,
@@ -65,16 +71,17 @@ CREATE TABLE IF NOT EXISTS room_members (
 );
 CREATE INDEX IF NOT EXISTS room_members_user ON room_members(user_id);
 CREATE TABLE IF NOT EXISTS messages (
-    id TEXT PRIMARY KEY,
-    room_id TEXT NOT NULL,
+    room_key INTEGER NOT NULL,
     seq INTEGER NOT NULL,
-    sender_id TEXT NOT NULL,
-    client_msg_id TEXT NOT NULL,
+    sender_key INTEGER NOT NULL,
+    id BLOB,
+    client_msg_id BLOB NOT NULL,
     body TEXT NOT NULL,
-    created_at TEXT NOT NULL,
-    UNIQUE (room_id, seq),
-    UNIQUE (room_id, sender_id, client_msg_id)
-);
+    created_at BLOB NOT NULL,
+    PRIMARY KEY (room_key, seq)
+) WITHOUT ROWID;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_client ON messages(room_key, sender_key, client_msg_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_stored_id ON messages(id) WHERE id IS NOT NULL;
 "#;
 
 pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {
@@ -94,7 +101,9 @@ pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, 
     .map_err(sql_err)?;
     conn.execute_batch("BEGIN IMMEDIATE").map_err(sql_err)?;
     let r = (|| {
-        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        )?;
         let v: Option<String> = conn
             .query_row(
                 "SELECT value FROM meta WHERE key='schema_version'",
@@ -111,21 +120,26 @@ pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, 
             return Err(sql_err(e));
         }
     };
-    match version.as_deref() {
-        None => {
+    let done = match version.as_deref() {
+        None => conn.execute_batch(SCHEMA).and_then(|()| {
             conn.execute(
                 "INSERT INTO meta(key, value) VALUES ('schema_version', ?1), ('backend', 'sqlite')",
                 [SCHEMA_VERSION],
             )
-            .map_err(sql_err)?;
-        }
-        Some(SCHEMA_VERSION) => {}
+            .map(drop)
+        }),
+        Some("1") => migrate::from_v1(&conn),
+        Some(SCHEMA_VERSION) => Ok(()),
         Some(other) => {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(StoreError::Internal(format!(
                 "database schema version {other} is not known to this chatd (expects {SCHEMA_VERSION})"
             )));
         }
+    };
+    if let Err(e) = done {
+        let _ = conn.execute_batch("ROLLBACK");
+        return Err(sql_err(e));
     }
     conn.execute_batch("COMMIT").map_err(sql_err)?;
     Ok(conn)
