@@ -12,6 +12,7 @@
 
 pub mod bridge;
 pub mod fanout;
+pub mod lifecycle;
 pub mod room;
 pub mod room_sup;
 pub mod root;

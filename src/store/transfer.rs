@@ -186,6 +186,10 @@ pub struct MessageRec {
     pub client_msg_id: ClientMsgId,
     pub body: MessageBody,
     pub created_at: String,
+    /// Lifecycle state: reply, attachments, edit, tombstone, reactions
+    /// (absent on a plain message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<crate::store::lifecycle::Extras>,
 }
 
 /// One user blocking another.
@@ -527,6 +531,7 @@ async fn mongo_source(cfg: &StoreConfig, tx: Tx) -> Result<(), TransferError> {
                 client_msg_id: d.client_msg_id,
                 body: d.body,
                 created_at: d.created_at,
+                x: d.x,
             })
         }
     );
@@ -839,6 +844,8 @@ impl MongoBatches {
                 client_msg_id: m.client_msg_id,
                 body: m.body,
                 created_at: m.created_at,
+                x: m.x,
+                cs: None,
             }),
             Record::Block(b) => self.blocks.push(mongo::BlockDoc {
                 id: format!("{}:{}", b.blocker_id, b.blocked_id),

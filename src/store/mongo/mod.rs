@@ -20,6 +20,7 @@ mod append;
 mod auth;
 mod docs;
 mod errors;
+mod lifecycle;
 mod messages;
 mod rooms;
 mod txn;
@@ -169,6 +170,7 @@ impl MongoStore {
 
         let fresh = check_meta(&c).await?;
         create_indexes(&c).await?;
+        lifecycle::create_indexes(&c).await?;
         if fresh {
             write_meta(&c).await?;
         }
