@@ -65,6 +65,7 @@ impl Application {
         let secret = crate::auth::resolve_secret(&settings.auth.jwt_secret, &settings.data_dir())
             .map_err(StartError::Secret)?;
         let stores = crate::store::open(&settings.store).await?;
+        crate::store::lifecycle::set_reaction_users_shown(settings.limits.reaction_users_shown);
         let broker = crate::broker::open(&settings.broker, &node_id).await?;
         let blobs = crate::blobs::open(&settings).await?;
         let hub = Hub::new(settings.clone(), node_id, addr.to_string(), stores, broker);

@@ -160,3 +160,56 @@ pub(super) async fn apply(
         ChangeOutcome::TooManyReactions => Err(ChangeError::TooManyReactions(max_distinct)),
     }
 }
+
+/// Catch-up of one room for a connecting socket: `message_updated` for
+/// every message up to `delivered_seq` changed after the member's change
+/// cursor (later messages are pushed whole by the message catch-up), then
+/// the cursor moves to the last change pushed. `false` when the socket is
+/// gone or the store failed (the socket is closed so the client retries).
+pub(super) async fn catch_up_changes(
+    hub: &super::Hub,
+    user: &UserId,
+    blocked: &std::collections::HashSet<UserId>,
+    room: &crate::domain::RoomId,
+    delivered_seq: crate::domain::Seq,
+    socket: &crate::socket::SocketHandle,
+) -> bool {
+    let messages = &hub.stores.messages;
+    let fail = |e: StoreError| {
+        tracing::warn!(error = %e, "change catch-up read failed; closing socket");
+        socket.close(1011, "store unavailable; reconnect");
+        false
+    };
+    let start = match messages.change_cursor(room, user).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut cursor = start;
+    loop {
+        let page = match messages.changes_since(room, cursor, 500).await {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        let Some((last, _)) = page.last() else { break };
+        let last = *last;
+        for (_, m) in &page {
+            if m.seq > delivered_seq || blocked.contains(&m.sender_id) {
+                continue;
+            }
+            let f = ServerFrame::MessageUpdated { message: m }.encode();
+            if !socket.push_wait(f).await {
+                return false;
+            }
+        }
+        cursor = last;
+        if page.len() < 500 {
+            break;
+        }
+    }
+    if cursor > start {
+        if let Err(e) = messages.advance_change_cursor(room, user, cursor).await {
+            tracing::warn!(error = %e, "could not store a change cursor; changes may repeat");
+        }
+    }
+    true
+}
