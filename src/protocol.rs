@@ -14,9 +14,10 @@ pub enum ClientFrame {
     Send {
         room_id: String,
         client_msg_id: String,
-        /// May be empty when `attachments` are given.
+        /// Required, except that it may be absent or empty when
+        /// `attachments` are given.
         #[serde(default)]
-        body: String,
+        body: Option<String>,
         #[serde(default)]
         reply_to: Option<String>,
         #[serde(default)]

@@ -188,6 +188,7 @@ struct EditBody {
     responses(
         (status = 200, description = "the message with `edited_at`", body = Message),
         (status = 400, description = "`invalid_body`, `body_too_long`, `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`: not a member, or not the sender", body = ErrorBody),
         (status = 404, description = "`not_found`: no such message in this room", body = ErrorBody),
         (status = 409, description = "`message_deleted`", body = ErrorBody),
@@ -211,6 +212,7 @@ async fn edit(
     params(("id" = String, Path, description = "room id"), ("message_id" = String, Path, description = "message id")),
     responses(
         (status = 204, description = "deleted (also when it already was)"),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 503, description = "`unavailable`", body = ErrorBody),
@@ -250,6 +252,7 @@ async fn react(
     responses(
         (status = 204, description = "the reaction is on"),
         (status = 400, description = "`invalid_emoji`, `too_many_reactions`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`message_deleted`", body = ErrorBody),
@@ -270,6 +273,7 @@ async fn react_on(
     responses(
         (status = 204, description = "the reaction is off"),
         (status = 400, description = "`invalid_emoji`", body = ErrorBody),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
         (status = 409, description = "`message_deleted`", body = ErrorBody),

@@ -125,6 +125,14 @@ pub(crate) async fn dispatch(ctx: Ctx<'_>, frame: ClientFrame) {
             reply_to,
             attachments,
         } => {
+            let Some(body) = body.or_else(|| (!attachments.is_empty()).then(String::new)) else {
+                let reference = Some(client_msg_id.as_str()).filter(|c| !c.is_empty());
+                return ctx.error(
+                    "invalid_request",
+                    "invalid frame: missing field `body`",
+                    Some(reference.unwrap_or("send")),
+                );
+            };
             send::apply(
                 ctx,
                 &room_id,
