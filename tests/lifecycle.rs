@@ -109,7 +109,41 @@ async fn messages_carry_every_lifecycle_field() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_edits_reactions_and_deletes_over_http_reach_every_device_live() {
-    let app = spawn_app().await;
+    live_flow(&spawn_app().await).await;
+}
+
+/// A fresh MongoDB database on the server under test, or `None` to skip
+/// (CI sets `CHAT_REQUIRE_MONGODB=1` so that it cannot skip).
+async fn mongo_app() -> Option<TestApp> {
+    let uri = match std::env::var("CHAT_TEST_MONGODB_URI") {
+        Ok(u) if !u.trim().is_empty() => u,
+        _ => {
+            assert!(
+                std::env::var("CHAT_REQUIRE_MONGODB").as_deref() != Ok("1"),
+                "CHAT_REQUIRE_MONGODB=1 but CHAT_TEST_MONGODB_URI is not set"
+            );
+            eprintln!("CHAT_TEST_MONGODB_URI is not set: MongoDB test skipped");
+            return None;
+        }
+    };
+    Some(
+        spawn_app_with(|s| {
+            s.store.kind = "mongodb".into();
+            s.store.mongodb.uri = uri;
+            s.store.mongodb.database = uniq("lifecycle_");
+        })
+        .await,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lifecycle_works_on_mongodb() {
+    let Some(app) = mongo_app().await else { return };
+    live_flow(&app).await;
+    offline_flow(&app).await;
+}
+
+async fn live_flow(app: &TestApp) {
     let (alice, bob, carol) = (
         app.register("al").await,
         app.register("bo").await,
@@ -412,7 +446,10 @@ async fn blocks_apply_to_message_updated() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_device_gets_the_changes_it_missed_on_reconnect() {
-    let app = spawn_app().await;
+    offline_flow(&spawn_app().await).await;
+}
+
+async fn offline_flow(app: &TestApp) {
     let (alice, bob) = (app.register("al").await, app.register("bo").await);
     let room = app.direct(&alice, &bob).await;
     let m1 = text(&app, &alice, &room, "one").await;
@@ -571,4 +608,43 @@ async fn attachments_go_with_a_message_and_are_erased_with_it() {
     assert_eq!(r.status().as_u16(), 404);
     let h = app.history(&bob, &room).await;
     assert_eq!(find(&h, &m["id"])["attachments"], json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socketio_edit_react_delete() {
+    let app = spawn_app().await;
+    let (alice, bob) = (app.register("al").await, app.register("bo").await);
+    let room = app.direct(&alice, &bob).await;
+    let m = text(&app, &alice, &room, "hello sio").await;
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/socketio");
+    assert!(
+        dir.join("node_modules/socket.io-client/package.json")
+            .exists(),
+        "socket.io-client is not installed: run `npm install` in tests/socketio"
+    );
+    let out = tokio::time::timeout(
+        WAIT * 3,
+        tokio::process::Command::new("node")
+            .arg(dir.join("lifecycle.mjs"))
+            .current_dir(&dir)
+            .env("CHATD_URL", &app.base)
+            .env("WAIT_MS", WAIT.as_millis().to_string())
+            .env("TOKEN_A", &alice.token)
+            .env("TOKEN_B", &bob.token)
+            .env("ROOM_ID", &room)
+            .env("MSG_ID", m["id"].as_str().unwrap())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the script ends")
+    .expect("node runs");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert_eq!(stdout.trim(), "OK");
+    let h = app.history(&bob, &room).await;
+    assert_eq!(h[0]["deleted"], true);
 }
