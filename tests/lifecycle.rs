@@ -154,9 +154,9 @@ async fn live_flow(app: &TestApp) {
     let (mut bws2, _) = app.ws(&bob).await;
     let (mut cws, _) = app.ws(&carol).await;
 
-    let m1 = text(&app, &alice, &room, "first").await;
+    let m1 = text(app, &alice, &room, "first").await;
     let (s, reply) = send(
-        &app,
+        app,
         &bob,
         &room,
         json!({"client_msg_id": uniq("c"), "body": "an answer", "reply_to": m1["id"]}),
@@ -173,7 +173,7 @@ async fn live_flow(app: &TestApp) {
 
     // Edit: the sender only; every device of every member hears it.
     let (s, e) = edit(
-        &app,
+        app,
         &alice,
         &room,
         m1["id"].as_str().unwrap(),
@@ -192,7 +192,7 @@ async fn live_flow(app: &TestApp) {
         assert_eq!(u["body"], "first, fixed");
         assert_eq!(u["edited_at"], e["edited_at"]);
     }
-    let (s, err) = edit(&app, &bob, &room, m1["id"].as_str().unwrap(), "hijack").await;
+    let (s, err) = edit(app, &bob, &room, m1["id"].as_str().unwrap(), "hijack").await;
     assert_eq!(
         (s, err["error"]["code"].as_str()),
         (403, Some("forbidden")),
@@ -201,17 +201,17 @@ async fn live_flow(app: &TestApp) {
 
     // Reactions: any member, idempotent.
     let id = m1["id"].as_str().unwrap();
-    assert_eq!(react(&app, &bob, &room, id, "👍", true).await.0, 204);
+    assert_eq!(react(app, &bob, &room, id, "👍", true).await.0, 204);
     let u = updated(&mut cws, &m1["id"]).await;
     assert_eq!(
         u["reactions"],
         json!([{"emoji": "👍", "count": 1, "users": [bob.id]}])
     );
-    assert_eq!(react(&app, &bob, &room, id, "👍", true).await.0, 204);
-    assert_eq!(react(&app, &carol, &room, id, "👍", true).await.0, 204);
-    assert_eq!(react(&app, &carol, &room, id, "🎉", true).await.0, 204);
-    assert_eq!(react(&app, &carol, &room, id, "🎉", false).await.0, 204);
-    assert_eq!(react(&app, &carol, &room, id, "🎉", false).await.0, 204);
+    assert_eq!(react(app, &bob, &room, id, "👍", true).await.0, 204);
+    assert_eq!(react(app, &carol, &room, id, "👍", true).await.0, 204);
+    assert_eq!(react(app, &carol, &room, id, "🎉", true).await.0, 204);
+    assert_eq!(react(app, &carol, &room, id, "🎉", false).await.0, 204);
+    assert_eq!(react(app, &carol, &room, id, "🎉", false).await.0, 204);
     let h = app.history(&alice, &room).await;
     assert_eq!(
         find(&h, &m1["id"])["reactions"],
@@ -219,7 +219,7 @@ async fn live_flow(app: &TestApp) {
     );
 
     // Delete: the owner of the group may delete bob's reply.
-    let (s, v) = delete(&app, &alice, &room, reply["id"].as_str().unwrap()).await;
+    let (s, v) = delete(app, &alice, &room, reply["id"].as_str().unwrap()).await;
     assert_eq!(s, 204, "{v}");
     let u = updated(&mut bws, &reply["id"]).await;
     assert_eq!(
@@ -233,16 +233,16 @@ async fn live_flow(app: &TestApp) {
     assert_eq!(t["seq"], reply["seq"]);
     assert_eq!(t["attachments"], json!([]));
     // A tombstone cannot be edited or reacted to; deleting again is fine.
-    let (s, err) = edit(&app, &bob, &room, reply["id"].as_str().unwrap(), "back").await;
+    let (s, err) = edit(app, &bob, &room, reply["id"].as_str().unwrap(), "back").await;
     assert_eq!(
         (s, err["error"]["code"].as_str()),
         (409, Some("message_deleted")),
         "{err}"
     );
-    let (s, _) = delete(&app, &bob, &room, reply["id"].as_str().unwrap()).await;
+    let (s, _) = delete(app, &bob, &room, reply["id"].as_str().unwrap()).await;
     assert_eq!(s, 204);
     // Carol may not delete alice's message (not the sender, not an admin).
-    let (s, err) = delete(&app, &carol, &room, id).await;
+    let (s, err) = delete(app, &carol, &room, id).await;
     assert_eq!((s, err["error"]["code"].as_str()), (403, Some("forbidden")));
     assert!(
         !find(&app.history(&alice, &room).await, &m1["id"])["deleted"]
@@ -452,8 +452,8 @@ async fn an_offline_device_gets_the_changes_it_missed_on_reconnect() {
 async fn offline_flow(app: &TestApp) {
     let (alice, bob) = (app.register("al").await, app.register("bo").await);
     let room = app.direct(&alice, &bob).await;
-    let m1 = text(&app, &alice, &room, "one").await;
-    let m2 = text(&app, &alice, &room, "two").await;
+    let m1 = text(app, &alice, &room, "one").await;
+    let m2 = text(app, &alice, &room, "two").await;
     {
         let (mut bws, _) = app.ws(&bob).await;
         bws.until("m2", |v| v["type"] == "message" && v["id"] == m2["id"])
@@ -486,7 +486,7 @@ async fn offline_flow(app: &TestApp) {
     }
     // While bob is away: an edit, a reaction, a delete, and a new message.
     let (s, _) = edit(
-        &app,
+        app,
         &alice,
         &room,
         m1["id"].as_str().unwrap(),
@@ -495,18 +495,18 @@ async fn offline_flow(app: &TestApp) {
     .await;
     assert_eq!(s, 200);
     assert_eq!(
-        react(&app, &alice, &room, m1["id"].as_str().unwrap(), "👍", true)
+        react(app, &alice, &room, m1["id"].as_str().unwrap(), "👍", true)
             .await
             .0,
         204
     );
     assert_eq!(
-        delete(&app, &alice, &room, m2["id"].as_str().unwrap())
+        delete(app, &alice, &room, m2["id"].as_str().unwrap())
             .await
             .0,
         204
     );
-    let m3 = text(&app, &alice, &room, "three").await;
+    let m3 = text(app, &alice, &room, "three").await;
 
     let (mut bws, _) = app.ws(&bob).await;
     let mut got_m1 = None;
