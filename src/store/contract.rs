@@ -60,6 +60,7 @@ pub async fn run_all(s: &Stores) {
     append_assigns_seq_and_is_idempotent(s).await;
     append_rejects_non_members_and_unknown_rooms(s).await;
     concurrent_appends_have_no_gaps(s).await;
+    resends_in_one_batch_and_after_leaving(s).await;
     history_slices(s).await;
     cursors_only_move_forward(s).await;
     room_summaries(s).await;
@@ -422,6 +423,47 @@ pub async fn append_rejects_non_members_and_unknown_rooms(s: &Stores) {
         r[2],
         Err(StoreError::Forbidden) | Err(StoreError::NotFound)
     ));
+}
+
+/// A resend inside the batch that first stored the message is its
+/// duplicate (and takes no seq); a sender who left the room still gets its
+/// earlier message back for a resend, but cannot store a new one.
+pub async fn resends_in_one_batch_and_after_leaving(s: &Stores) {
+    let a = make_user(s, "rs").await;
+    let b = make_user(s, "rs").await;
+    let room = s
+        .rooms
+        .create_group(&a.id, "resends", std::slice::from_ref(&b.id))
+        .await
+        .unwrap();
+    let r = s
+        .messages
+        .append_batch(vec![
+            msg(&room.id, &b.id, "x1", "first"),
+            msg(&room.id, &b.id, "x1", "first, resent at once"),
+            msg(&room.id, &a.id, "x1", "same cmid, other sender"),
+        ])
+        .await
+        .unwrap();
+    let r: Vec<Appended> = r.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        r.iter()
+            .map(|x| (x.message.seq, x.duplicate))
+            .collect::<Vec<_>>(),
+        vec![(1, false), (1, true), (2, false)]
+    );
+    assert_eq!(r[1].message.id, r[0].message.id);
+    assert_eq!(r[1].message.body.as_str(), "first");
+    assert!(s.rooms.remove_member(&room.id, &b.id).await.unwrap());
+    let again = append(s, msg(&room.id, &b.id, "x1", "after leaving")).await;
+    let again = again.unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.message.id, r[0].message.id);
+    assert!(matches!(
+        append(s, msg(&room.id, &b.id, "x2", "new")).await,
+        Err(StoreError::Forbidden)
+    ));
+    assert_eq!(s.rooms.room(&room.id).await.unwrap().unwrap().last_seq, 2);
 }
 
 pub async fn concurrent_appends_have_no_gaps(s: &Stores) {

@@ -38,8 +38,16 @@ pub(super) fn append_batch(
     // (room, sender) → the sender's key when a member.
     let mut members: HashMap<(RoomId, UserId), Option<i64>> = HashMap::new();
     let mut out = Vec::with_capacity(batch.len());
+    // Prepared once per batch: the statement cache hashes the SQL per call.
+    let mut insert = c
+        .prepare_cached(
+            "INSERT INTO messages(room_key, seq, sender_key, id, client_msg_id, body, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+             ON CONFLICT (room_key, sender_key, client_msg_id) DO NOTHING",
+        )
+        .map_err(sql_err)?;
     for m in batch {
-        out.push(append_one(c, m, &mut rooms, &mut members).map_err(sql_err)?);
+        out.push(append_one(c, &mut insert, m, &mut rooms, &mut members).map_err(sql_err)?);
     }
     let mut bump = c
         .prepare_cached("UPDATE rooms SET last_seq = ?2 WHERE key = ?1")
@@ -53,6 +61,7 @@ pub(super) fn append_batch(
 
 fn append_one(
     c: &Connection,
+    insert: &mut rusqlite::CachedStatement<'_>,
     m: NewMessage,
     rooms: &mut HashMap<RoomId, Option<Slot>>,
     members: &mut HashMap<(RoomId, UserId), Option<i64>>,
@@ -111,21 +120,15 @@ fn append_one(
             (id, Some(stored))
         }
     };
-    let inserted = c
-        .prepare_cached(
-            "INSERT INTO messages(room_key, seq, sender_key, id, client_msg_id, body, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-             ON CONFLICT (room_key, sender_key, client_msg_id) DO NOTHING",
-        )?
-        .execute(params![
-            slot.key,
-            seq,
-            sender_key,
-            stored_id,
-            enc_cmid(m.client_msg_id.as_str()),
-            m.body.as_str(),
-            now
-        ])?;
+    let inserted = insert.execute(params![
+        slot.key,
+        seq,
+        sender_key,
+        stored_id,
+        enc_cmid(m.client_msg_id.as_str()),
+        m.body.as_str(),
+        now
+    ])?;
     if inserted == 0 {
         let message = c
             .prepare_cached(&format!(

@@ -156,16 +156,18 @@ impl SqliteStore {
     {
         let (tx, rx) = oneshot::channel();
         let job: WriteJob = Box::new(move |conn: &Connection| {
-            let r = match conn.execute_batch("SAVEPOINT w") {
-                Ok(()) => {
+            // Cached statements: the writer runs these for every job.
+            let run = |sql: &str| conn.prepare_cached(sql).and_then(|mut st| st.execute([]));
+            let r = match run("SAVEPOINT w") {
+                Ok(_) => {
                     let r = f(conn);
                     let end = if r.is_ok() {
-                        "RELEASE w"
+                        run("RELEASE w")
                     } else {
-                        "ROLLBACK TO w; RELEASE w"
+                        run("ROLLBACK TO w").and_then(|_| run("RELEASE w"))
                     };
-                    match conn.execute_batch(end) {
-                        Ok(()) => r,
+                    match end {
+                        Ok(_) => r,
                         Err(e) => Err(sql_err(e)),
                     }
                 }

@@ -128,7 +128,10 @@ pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, 
             )
             .map(drop)
         }),
-        Some("1") => migrate::from_v1(&conn),
+        Some("1") => {
+            tracing::info!(path = %path.display(), "migrating the SQLite schema from version 1 to 2");
+            migrate::from_v1(&conn)
+        }
         Some(SCHEMA_VERSION) => Ok(()),
         Some(other) => {
             let _ = conn.execute_batch("ROLLBACK");
