@@ -1,10 +1,15 @@
-# chatd in a container: build the release binary, run it on a slim Debian.
+# chatd in a container: build the release binary (stripped of symbols and
+# debug info), run it on a slim Debian.
 #   docker build -t chatd .
 #   docker run -p 8080:8080 -e CHAT__AUTH__JWT_SECRET=... chatd
 # docker-compose.yml runs a whole cluster from this image.
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY . .
+# The release profile already leaves out debug info; the image also drops
+# the symbol table (backtraces then show addresses only: use
+# `cargo build --profile profiling` outside the image to profile).
+ENV CARGO_PROFILE_RELEASE_STRIP=symbols
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin chatd \

@@ -2,13 +2,37 @@
 # One command for the whole benchmark (issue 7):
 #   builds chatd, bench-relay and chat-bench in release, installs the Node relay's
 #   dependencies, raises the open-file limit, then runs `chat-bench --suite`, which
-#   starts chatd, the Rust relay and the Node relay one after the other, drives each
-#   with the same scenarios, and rewrites the generated part of BENCHMARKS.md and
-#   BENCHMARKS.png (raw results in bench/results/results.json).
+#   starts chatd, the Rust relay and the Node relay one after the other and drives each
+#   with the same scenarios.
 #
-# Usage: bench/run.sh [--profile quick] [--servers chatd,relay,node] [other chat-bench flags]
+# Usage: bench/run.sh [--write] [--profile quick] [--servers chatd,relay,node] [other chat-bench flags]
+#
+# Where the results go:
+#   default   target/bench/: results.json, logs/, table.md, BENCHMARKS.png and a copy of
+#             BENCHMARKS.md with the generated section replaced (diff it against the
+#             committed one). Nothing committed changes.
+#   --write   the committed files: the generated part of BENCHMARKS.md, BENCHMARKS.png and
+#             bench/results/results.json (+ logs/). Only with the full profile: smoke
+#             numbers of `--profile quick` never replace the measured ones.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+write=0
+profile=full
+args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --write) write=1 ;;
+    --profile) profile=${2:-}; args+=("$1" "${2:-}"); shift ;;
+    --profile=*) profile=${1#--profile=}; args+=("$1") ;;
+    *) args+=("$1") ;;
+  esac
+  shift
+done
+if [ "$write" = 1 ] && [ "$profile" != full ]; then
+  echo "bench/run.sh: --write only with the full profile (got --profile $profile); drop --write to write into target/bench/" >&2
+  exit 2
+fi
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 cargo build --release -p chatd -p chat-bench
@@ -30,4 +54,15 @@ if [ ! -e /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] && [ ! -e /usr/share
   echo "note: no DejaVu or Liberation font; install fonts-dejavu-core for the chart" >&2
 fi
 
-exec "$CARGO_TARGET_DIR/release/chat-bench" --suite --bin-dir "$CARGO_TARGET_DIR/release" "$@"
+if [ "$write" = 1 ]; then
+  out=(--out-dir bench/results --markdown BENCHMARKS.md --chart BENCHMARKS.png)
+else
+  dir="$CARGO_TARGET_DIR/bench"
+  mkdir -p "$dir"
+  cp BENCHMARKS.md "$dir/BENCHMARKS.md"
+  out=(--out-dir "$dir" --markdown "$dir/BENCHMARKS.md" --chart "$dir/BENCHMARKS.png")
+  echo "results go to $dir/ (bench/run.sh --write updates the committed BENCHMARKS.md)" >&2
+fi
+
+exec "$CARGO_TARGET_DIR/release/chat-bench" --suite --bin-dir "$CARGO_TARGET_DIR/release" \
+  "${out[@]}" ${args[@]+"${args[@]}"}

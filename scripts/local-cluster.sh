@@ -5,7 +5,7 @@
 #
 #   scripts/local-cluster.sh start    # then open http://127.0.0.1:$LB_PORT/
 #   scripts/local-cluster.sh status
-#   scripts/local-cluster.sh stop
+#   scripts/local-cluster.sh stop     # also removes its exchanges and queues from RabbitMQ
 #
 # Settings (environment):
 #   CLUSTER_DIR        state, logs, store, nginx config  (./data/local-cluster)
@@ -160,6 +160,39 @@ stop_pid() { # pid
     kill -KILL "$pid" 2>/dev/null || true
 }
 
+# The vhost of AMQP_URI, URL-decoded ("%2f" is "/").
+amqp_vhost() {
+    local rest=${AMQP_URI#*://}
+    local v=/
+    [[ $rest == */* ]] && v=${rest#*/}
+    v=${v%%\?*}
+    [[ -z $v ]] && v=/
+    printf '%b' "${v//%/\\x}"
+}
+
+# What the nodes declared (src/broker/rabbitmq.rs): exchanges PREFIX.cluster
+# and PREFIX.notify and the durable queue PREFIX.notify; each node's own
+# queue PREFIX.node.ID is deleted by the node on a clean stop (and expires
+# by itself otherwise). Removed with rabbitmqadmin when the management API
+# answers, else with rabbitmqctl (the RabbitMQ node on this machine).
+remove_broker_objects() {
+    local vhost q=$BROKER_PREFIX.notify x1=$BROKER_PREFIX.cluster x2=$BROKER_PREFIX.notify
+    vhost=$(amqp_vhost)
+    if command -v rabbitmqadmin >/dev/null && rabbitmqadmin -V "$vhost" list vhosts >/dev/null 2>&1; then
+        rabbitmqadmin -V "$vhost" delete queue name="$q" >/dev/null 2>&1 || true
+        for x in "$x1" "$x2"; do rabbitmqadmin -V "$vhost" delete exchange name="$x" >/dev/null 2>&1 || true; done
+    elif command -v rabbitmqctl >/dev/null; then
+        rabbitmqctl -q -p "$vhost" delete_queue "$q" >/dev/null 2>&1 || true
+        # rabbitmqctl has no delete_exchange: one eval removes both.
+        rabbitmqctl -q eval "[rabbit_exchange:delete(rabbit_misc:r(<<\"$vhost\">>, exchange, X), false, <<\"local-cluster.sh\">>) || X <- [<<\"$x1\">>, <<\"$x2\">>]]." >/dev/null 2>&1 \
+            || { log "rabbitmqctl could not remove exchanges $x1 $x2 and queue $q: remove them by hand"; return 0; }
+    else
+        log "no rabbitmqadmin or rabbitmqctl here: remove exchanges $x1 $x2 and queue $q by hand"
+        return 0
+    fi
+    log "removed exchanges $x1 $x2 and queue $q (vhost $vhost)"
+}
+
 stop() {
     if [[ -s $CLUSTER_DIR/nginx.pid.launcher ]]; then
         stop_pid "$(cat "$CLUSTER_DIR/nginx.pid.launcher")"
@@ -168,6 +201,7 @@ stop() {
     if [[ -s $CLUSTER_DIR/nodes ]]; then
         while read -r _ _ pid; do stop_pid "$pid" & done <"$CLUSTER_DIR/nodes"
         wait
+        remove_broker_objects
         : >"$CLUSTER_DIR/nodes"
     fi
     log "stopped"

@@ -1,6 +1,7 @@
 //! Startup and shutdown of a node: open the store and broker, start the
 //! actor tree, bind HTTP, and on shutdown stop reading sockets, let every
-//! accepted message be stored and acked, then close.
+//! accepted message be stored and acked, then close. The accept loop with
+//! its timeouts and connection cap is in `serve`.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -13,6 +14,8 @@ use crate::actors::{root, Hub};
 use crate::api::{self, AppState};
 use crate::auth::AuthService;
 use crate::config::Settings;
+
+mod serve;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +69,7 @@ impl Application {
             .map_err(StartError::Secret)?;
         let stores = crate::store::open(&settings.store).await?;
         crate::store::lifecycle::set_reaction_users_shown(settings.limits.reaction_users_shown);
+        crate::roles::bootstrap(&*stores.users, &settings.admin.usernames).await?;
         let broker = crate::broker::open(&settings.broker, &node_id).await?;
         let blobs = crate::blobs::open(&settings).await?;
         let hub = Hub::new(settings.clone(), node_id, addr.to_string(), stores, broker);
@@ -74,7 +78,10 @@ impl Application {
             .map_err(|e| StartError::Actors(e.to_string()))?;
         let _ = hub.root.set(root.get_cell());
         let mut background = Vec::new();
-        if matches!(settings.node.role.as_str(), "all" | "notifier") {
+        if matches!(
+            settings.node.role,
+            crate::config::NodeRole::All | crate::config::NodeRole::Notifier
+        ) {
             background.push(crate::notify::start(hub.clone()).await?);
         }
         background.push(crate::blobs::sweeper::start(
@@ -115,17 +122,10 @@ impl Application {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let hub = self.state.hub.clone();
+        let bounds = serve::Bounds::from_config(&hub.settings.http);
         let app = api::router(self.state);
         let stop = hub.shutdown.clone();
-        // Small frames must not wait ~40 ms for the peer's delayed ACK (Nagle).
-        let listener = axum::serve::ListenerExt::tap_io(self.listener, |tcp| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let server = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown({
+        tokio::spawn({
             let stop = stop.clone();
             async move {
                 tokio::select! {
@@ -135,7 +135,7 @@ impl Application {
                 stop.cancel();
             }
         });
-        let served = server.await;
+        serve::serve(self.listener, app, bounds, stop.clone()).await;
         stop.cancel();
         tracing::info!("shutting down: draining room pipelines");
         // Rooms stop; their pipelines finish storing and acking what they accepted.
@@ -171,6 +171,6 @@ impl Application {
             b.abort();
         }
         tracing::info!("chatd stopped");
-        served
+        Ok(())
     }
 }

@@ -1,9 +1,10 @@
 //! The user service's security core: argon2id password hashes, HS256 JWT
 //! access tokens, opaque refresh tokens (stored as SHA-256 hashes, rotated on
-//! use, a reused token revokes its login), and the login attempt limiter.
+//! use, a reused token revokes its login), the login attempt limiter, and
+//! the fixed pool of threads that runs argon2.
 
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use argon2::password_hash::phc::PasswordHash;
@@ -14,7 +15,6 @@ use dashmap::DashMap;
 use jsonwebtoken::{decode, encode, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 
 use crate::config::AuthConfig;
 use crate::domain::{Password, UserId};
@@ -44,6 +44,69 @@ pub enum AuthError {
     InvalidToken,
     #[error("hashing failed: {0}")]
     Hash(String),
+    /// The hashing queue is full: the caller should retry later.
+    #[error("too many password checks in progress; retry shortly")]
+    Busy,
+}
+
+/// Jobs waiting for a hashing thread, per thread; past this, `Busy`.
+const HASH_QUEUE_PER_THREAD: usize = 64;
+
+type HashJob = Box<dyn FnOnce() + Send>;
+
+/// A fixed pool of threads that run argon2. Each hash takes ~19 MiB: on
+/// arbitrary blocking threads the allocator would keep that much per thread
+/// ever used, here memory for hashing is bounded by the pool's size. The
+/// threads end when the pool is dropped.
+struct HashPool {
+    jobs: mpsc::SyncSender<HashJob>,
+}
+
+impl HashPool {
+    fn new(threads: usize) -> Self {
+        let threads = threads.max(1);
+        let (jobs, rx) = mpsc::sync_channel::<HashJob>(threads * HASH_QUEUE_PER_THREAD);
+        let rx = Arc::new(Mutex::new(rx));
+        for i in 0..threads {
+            let rx = rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("chatd-argon2-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock() {
+                        Ok(rx) => rx.recv(),
+                        Err(_) => return,
+                    };
+                    let Ok(job) = job else { return };
+                    // A panic drops the job's reply (the caller sees an
+                    // error) but keeps the thread.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start an argon2 thread");
+            }
+        }
+        Self { jobs }
+    }
+
+    /// Runs `f` on a pool thread.
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AuthError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .try_send(Box::new(move || {
+                let _ = tx.send(f());
+            }))
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => AuthError::Busy,
+                mpsc::TrySendError::Disconnected(_) => {
+                    AuthError::Hash("no hashing thread is running".into())
+                }
+            })?;
+        rx.await
+            .map_err(|_| AuthError::Hash("the hashing job failed".into()))
+    }
 }
 
 /// Keys, hasher limits and the attempt limiter.
@@ -53,7 +116,7 @@ pub struct AuthService {
     validation: Validation,
     pub access_ttl: Duration,
     pub refresh_ttl: Duration,
-    hashing: Semaphore,
+    hashing: HashPool,
     limiter: LoginLimiter,
     /// A real hash of a random password: unknown users are verified against
     /// it so both failures take the same time.
@@ -76,49 +139,49 @@ impl AuthService {
             validation,
             access_ttl: Duration::from_secs(cfg.access_ttl_secs.max(1)),
             refresh_ttl: Duration::from_secs(cfg.refresh_ttl_secs.max(1)),
-            hashing: Semaphore::new(cfg.hash_concurrency.max(1)),
+            hashing: HashPool::new(cfg.hash_concurrency),
             limiter: LoginLimiter::new(
-                cfg.login_max_failures,
-                Duration::from_secs(cfg.login_window_secs),
+                (
+                    cfg.login_max_failures,
+                    Duration::from_secs(cfg.login_window_secs),
+                ),
+                (
+                    cfg.login_address_max_failures,
+                    Duration::from_secs(cfg.login_address_window_secs),
+                ),
             ),
             dummy_hash,
         })
     }
 
-    /// argon2id (OWASP parameters) in the blocking pool, a bounded number at once.
+    /// argon2id (OWASP parameters) on the hashing pool.
     pub async fn hash_password(&self, pw: &Password) -> Result<String, AuthError> {
-        let _permit = self
-            .hashing
-            .acquire()
-            .await
-            .map_err(|e| AuthError::Hash(e.to_string()))?;
         let pw = pw.expose().to_owned();
-        tokio::task::spawn_blocking(move || {
-            Argon2::default()
-                .hash_password(pw.as_bytes())
-                .map(|h| h.to_string())
-                .map_err(|e| AuthError::Hash(e.to_string()))
-        })
-        .await
-        .map_err(|e| AuthError::Hash(e.to_string()))?
+        self.hashing
+            .run(move || {
+                Argon2::default()
+                    .hash_password(pw.as_bytes())
+                    .map(|h| h.to_string())
+                    .map_err(|e| AuthError::Hash(e.to_string()))
+            })
+            .await?
     }
 
-    /// Checks a password against a stored hash (or the dummy when `None`).
-    pub async fn verify_password(&self, pw: &str, hash: Option<&str>) -> bool {
-        let Ok(_permit) = self.hashing.acquire().await else {
-            return false;
-        };
+    /// Checks a password against a stored hash (or the dummy when `None`,
+    /// so that an unknown user costs the same time).
+    pub async fn verify_password(&self, pw: &str, hash: Option<&str>) -> Result<bool, AuthError> {
         let known = hash.is_some();
         let hash = hash.unwrap_or(&self.dummy_hash).to_owned();
         let pw = pw.to_owned();
-        let ok = tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
-                .map(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
-                .unwrap_or(false)
-        })
-        .await
-        .unwrap_or(false);
-        ok && known
+        let ok = self
+            .hashing
+            .run(move || {
+                PasswordHash::new(&hash)
+                    .map(|h| Argon2::default().verify_password(pw.as_bytes(), &h).is_ok())
+                    .unwrap_or(false)
+            })
+            .await?;
+        Ok(ok && known)
     }
 
     /// A signed access token for the user.
@@ -164,47 +227,54 @@ impl AuthService {
     }
 }
 
-/// Counts failed logins per login name and per client address within a
-/// window; past the limit, further attempts are refused until it ends.
+/// Counts failed logins per account and per client address, each within
+/// its window; past a limit, further attempts are refused until the window
+/// ends. The account is what the login string resolves to, so a username
+/// and an e-mail of one account share a count; an unknown login counts by
+/// its text. The per-address limit is much higher than the per-account one
+/// (many users share a NAT) and stops spraying across many accounts.
 pub struct LoginLimiter {
-    max: u32,
-    window: Duration,
+    account: (u32, Duration),
+    address: (u32, Duration),
     failures: DashMap<String, (u32, Instant)>,
 }
 
 impl LoginLimiter {
-    fn new(max: u32, window: Duration) -> Self {
+    fn new(account: (u32, Duration), address: (u32, Duration)) -> Self {
         Self {
-            max: max.max(1),
-            window,
+            account: (account.0.max(1), account.1),
+            address: (address.0.max(1), address.1),
             failures: DashMap::new(),
         }
     }
 
-    fn keys(login: &str, ip: Option<IpAddr>) -> Vec<String> {
-        let mut k = vec![format!("u:{}", login.trim().to_lowercase())];
+    /// The key a login attempt counts against: the account it names, or
+    /// the login text when it names none.
+    pub fn account_key(account: Option<&UserId>, login: &str) -> String {
+        match account {
+            Some(id) => format!("a:{id}"),
+            None => format!("l:{}", login.trim().to_lowercase()),
+        }
+    }
+
+    fn keys(&self, account: &str, ip: Option<IpAddr>) -> Vec<(String, (u32, Duration))> {
+        let mut k = vec![(account.to_owned(), self.account)];
         if let Some(ip) = ip {
-            k.push(format!("ip:{ip}"));
+            k.push((format!("ip:{ip}"), self.address));
         }
         k
     }
 
-    /// `Some(seconds to wait)` when the caller is over the limit.
-    pub fn check(&self, login: &str, ip: Option<IpAddr>) -> Option<u64> {
+    /// `Some(seconds to wait)` when the account or the address is over its limit.
+    pub fn check(&self, account: &str, ip: Option<IpAddr>) -> Option<u64> {
         let now = Instant::now();
         let mut wait = None;
-        for key in Self::keys(login, ip) {
+        for (key, (limit, window)) in self.keys(account, ip) {
             if let Some(e) = self.failures.get(&key) {
                 let (n, since) = *e;
                 let elapsed = now.duration_since(since);
-                // The per-address budget is wider: many users share NATs.
-                let limit = if key.starts_with("ip:") {
-                    self.max * 4
-                } else {
-                    self.max
-                };
-                if elapsed < self.window && n >= limit {
-                    let w = (self.window - elapsed).as_secs().max(1);
+                if elapsed < window && n >= limit {
+                    let w = (window - elapsed).as_secs().max(1);
                     wait = Some(wait.map_or(w, |x: u64| x.max(w)));
                 }
             }
@@ -213,25 +283,25 @@ impl LoginLimiter {
     }
 
     /// Records a failed attempt.
-    pub fn failed(&self, login: &str, ip: Option<IpAddr>) {
+    pub fn failed(&self, account: &str, ip: Option<IpAddr>) {
         let now = Instant::now();
-        for key in Self::keys(login, ip) {
+        for (key, (_, window)) in self.keys(account, ip) {
             let mut e = self.failures.entry(key).or_insert((0, now));
-            if now.duration_since(e.1) >= self.window {
+            if now.duration_since(e.1) >= window {
                 *e = (0, now);
             }
             e.0 += 1;
         }
         if self.failures.len() > 100_000 {
+            let longest = self.account.1.max(self.address.1);
             self.failures
-                .retain(|_, (_, t)| now.duration_since(*t) < self.window);
+                .retain(|_, (_, t)| now.duration_since(*t) < longest);
         }
     }
 
-    /// A success clears the login's failures (not the address's).
-    pub fn succeeded(&self, login: &str) {
-        self.failures
-            .remove(&format!("u:{}", login.trim().to_lowercase()));
+    /// A success clears the account's failures (not the address's).
+    pub fn succeeded(&self, account: &str) {
+        self.failures.remove(account);
     }
 }
 
@@ -303,20 +373,89 @@ mod tests {
         let pw = Password::parse("correct horse", &Default::default()).unwrap();
         let h = s.hash_password(&pw).await.unwrap();
         assert!(h.starts_with("$argon2id$"));
-        assert!(s.verify_password("correct horse", Some(&h)).await);
-        assert!(!s.verify_password("wrong horse", Some(&h)).await);
-        assert!(!s.verify_password("correct horse", None).await);
+        assert!(s.verify_password("correct horse", Some(&h)).await.unwrap());
+        assert!(!s.verify_password("wrong horse", Some(&h)).await.unwrap());
+        assert!(!s.verify_password("correct horse", None).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn hashing_runs_on_a_fixed_pool_of_threads() {
+        let mut cfg = crate::config::Settings::defaults().auth;
+        cfg.hash_concurrency = 2;
+        let s = AuthService::new(&cfg, b"test-secret-test-secret-test-secret");
+        let mut jobs = Vec::new();
+        for _ in 0..16 {
+            let s = s.clone();
+            jobs.push(tokio::spawn(async move {
+                s.hashing
+                    .run(|| std::thread::current().name().map(str::to_owned))
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut names = std::collections::HashSet::new();
+        for j in jobs {
+            names.insert(j.await.unwrap().expect("a named thread"));
+        }
+        assert!(names.len() <= 2, "{names:?}");
+        assert!(
+            names.iter().all(|n| n.starts_with("chatd-argon2-")),
+            "{names:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_full_hashing_queue_is_busy_not_a_wait() {
+        let mut cfg = crate::config::Settings::defaults().auth;
+        cfg.hash_concurrency = 1;
+        let s = AuthService::new(&cfg, b"test-secret-test-secret-test-secret");
+        let (release, hold) = std::sync::mpsc::channel::<()>();
+        let blocker = s.hashing.run(move || {
+            let _ = hold.recv();
+        });
+        let mut blocker = Box::pin(blocker);
+        // The blocking job is queued first; then fill the queue.
+        let _ = futures_util::poll!(blocker.as_mut());
+        let mut queued = Vec::new();
+        let mut busy = false;
+        for _ in 0..=HASH_QUEUE_PER_THREAD + 1 {
+            let mut f = Box::pin(s.hashing.run(|| ()));
+            if let std::task::Poll::Ready(Err(AuthError::Busy)) = futures_util::poll!(f.as_mut()) {
+                busy = true;
+                break;
+            }
+            queued.push(f);
+        }
+        assert!(busy, "the queue is bounded");
+        release.send(()).unwrap();
+        blocker.await.unwrap();
+        for f in queued {
+            f.await.unwrap();
+        }
     }
 
     #[test]
-    fn limiter_blocks_after_max_failures() {
-        let l = LoginLimiter::new(3, Duration::from_secs(60));
+    fn limiter_counts_per_account_and_per_address() {
+        let w = Duration::from_secs(60);
+        let l = LoginLimiter::new((3, w), (5, w));
+        let id = UserId::generate();
+        let acct = LoginLimiter::account_key(Some(&id), "bob");
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
         for _ in 0..3 {
-            assert!(l.check("Bob", None).is_none());
-            l.failed("bob", None);
+            assert!(l.check(&acct, Some(ip)).is_none());
+            l.failed(&acct, Some(ip));
         }
-        assert!(l.check("bob", None).is_some());
-        l.succeeded("BOB");
-        assert!(l.check("bob", None).is_none());
+        assert!(l.check(&acct, Some(ip)).is_some());
+        // Another account behind the same address is not locked...
+        let other = LoginLimiter::account_key(None, " Ghost ");
+        assert_eq!(other, LoginLimiter::account_key(None, "ghost"));
+        assert!(l.check(&other, Some(ip)).is_none());
+        l.failed(&other, Some(ip));
+        l.failed(&other, Some(ip));
+        // ...until the address reaches its own limit.
+        assert!(l.check(&other, Some(ip)).is_some());
+        assert!(l.check(&other, Some("10.0.0.2".parse().unwrap())).is_none());
+        l.succeeded(&acct);
+        assert!(l.check(&acct, None).is_none());
     }
 }

@@ -36,8 +36,89 @@ pub struct Settings {
 pub struct NodeConfig {
     #[serde(deserialize_with = "string_like")]
     pub id: String,
-    pub role: String,
+    pub role: NodeRole,
 }
+
+/// `node.role`: what a node runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeRole {
+    /// Chat (HTTP, sockets, actors) and the notification pool.
+    All,
+    /// Chat only; notifications are left to `notifier` nodes.
+    Chat,
+    /// The notification pool (plus HTTP for health and admin).
+    Notifier,
+}
+
+impl NodeRole {
+    /// The name used in config files and the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Chat => "chat",
+            Self::Notifier => "notifier",
+        }
+    }
+}
+
+/// `store.kind`: the storage backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Embedded SQLite file (`store.sqlite`).
+    Sqlite,
+    /// MongoDB (`store.mongodb`).
+    Mongodb,
+}
+
+impl StoreKind {
+    /// The name used in config files and the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Mongodb => "mongodb",
+        }
+    }
+}
+
+/// `broker.kind`: how nodes exchange events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    /// One node, events stay in the process.
+    #[serde(alias = "in-process", alias = "memory")]
+    InProcess,
+    /// A cluster over RabbitMQ (`broker.rabbitmq`).
+    #[serde(alias = "amqp")]
+    RabbitMq,
+}
+
+impl BrokerKind {
+    /// The name used in config files and the environment.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InProcess => "inprocess",
+            Self::RabbitMq => "rabbitmq",
+        }
+    }
+
+    /// Whether other nodes may exist (events can cross processes).
+    pub fn spans_nodes(self) -> bool {
+        self != Self::InProcess
+    }
+}
+
+macro_rules! display_as_str {
+    ($($t:ty),*) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+display_as_str!(NodeRole, StoreKind, BrokerKind);
 
 /// `[http]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -45,6 +126,17 @@ pub struct HttpConfig {
     #[serde(deserialize_with = "string_like")]
     pub listen: String,
     pub max_body_bytes: usize,
+    /// Longest time to receive a request's header (from its first byte, or
+    /// from the end of the previous response on a kept-alive connection).
+    pub header_read_timeout_secs: u64,
+    /// Longest wait for the next bytes of a request body.
+    pub body_read_timeout_secs: u64,
+    /// A connection with no request in progress and no bytes moving for
+    /// this long is closed.
+    pub idle_timeout_secs: u64,
+    /// Most open HTTP connections (upgraded sockets included); more are
+    /// answered 503 and closed.
+    pub max_connections: usize,
 }
 
 /// `[ws]`.
@@ -77,7 +169,7 @@ pub struct SocketIoConfig {
 /// `[store]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct StoreConfig {
-    pub kind: String,
+    pub kind: StoreKind,
     pub sqlite: SqliteConfig,
     pub mongodb: MongoConfig,
 }
@@ -109,7 +201,7 @@ pub struct MongoConfig {
 /// `[broker]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct BrokerConfig {
-    pub kind: String,
+    pub kind: BrokerKind,
     pub rabbitmq: RabbitConfig,
 }
 
@@ -141,6 +233,9 @@ pub struct AuthConfig {
     pub refresh_ttl_secs: u64,
     pub login_max_failures: u32,
     pub login_window_secs: u64,
+    /// Failed logins from one client address per its window before 429.
+    pub login_address_max_failures: u32,
+    pub login_address_window_secs: u64,
     pub hash_concurrency: usize,
 }
 
@@ -326,7 +421,9 @@ mod tests {
     #[test]
     fn defaults_parse() {
         let s = Settings::defaults();
-        assert_eq!(s.store.kind, "sqlite");
+        assert_eq!(s.store.kind, StoreKind::Sqlite);
+        assert_eq!(s.broker.kind, BrokerKind::InProcess);
+        assert_eq!(s.node.role, NodeRole::All);
         assert_eq!(s.limits.body_max, 4000);
         assert!(s.admin.usernames.is_empty());
         assert!(s.notify.smtp.host.is_empty());
@@ -378,6 +475,32 @@ mod tests {
             let s = Settings::load(Some(Path::new("extra.toml"))).unwrap();
             assert_eq!(s.http.listen, "127.0.0.1:2");
             assert_eq!(s.rooms.idle_secs, 7);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kinds_parse_and_unknown_ones_are_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("CHAT__STORE__KIND", "mongodb");
+            jail.set_env("CHAT__BROKER__KIND", "amqp");
+            jail.set_env("CHAT__NODE__ROLE", "notifier");
+            let s = Settings::load(None).unwrap();
+            assert_eq!(s.store.kind, StoreKind::Mongodb);
+            assert_eq!(s.broker.kind, BrokerKind::RabbitMq);
+            assert_eq!(s.node.role, NodeRole::Notifier);
+            for (var, value, key) in [
+                ("CHAT__STORE__KIND", "postgres", "store.kind"),
+                ("CHAT__BROKER__KIND", "kafka", "broker.kind"),
+                ("CHAT__NODE__ROLE", "everything", "node.role"),
+            ] {
+                jail.set_env(var, value);
+                let e = Settings::load(None).unwrap_err().to_string();
+                // figment names an environment key in capitals ("STORE.KIND").
+                let lower = e.to_lowercase();
+                assert!(lower.contains(value) && lower.contains(key), "{e}");
+                jail.clear_env();
+            }
             Ok(())
         });
     }

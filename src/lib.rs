@@ -20,6 +20,10 @@
 //! - [`actors`]: the ractor tree: root supervisor, session supervisor with a
 //!   `UserSession` per connected user, room supervisor with a `Room` per
 //!   active room (store → ack → fan-out pipeline), the broker bridge.
+//! - [`cluster`]: the node table, the user → node directory, the `Presence`
+//!   view, and the wire types the bus carries.
+//! - [`roles`]: the admin role (stored with the user; operator grants it,
+//!   `admin.usernames` only for accounts existing at start).
 //! - [`protocol`]: the WebSocket frames of the contract.
 //! - [`socket`]: a socket's bounded outbound queue, its closer and the close
 //!   codes, shared by actors and api.
@@ -37,10 +41,12 @@ pub mod app;
 pub mod auth;
 pub mod blobs;
 pub mod broker;
+pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod notify;
 pub mod protocol;
+pub mod roles;
 pub mod socket;
 pub mod store;
 pub mod telemetry;

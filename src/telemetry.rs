@@ -4,6 +4,7 @@
 //! memory is a gauge (`process_resident_memory_bytes`, and the anonymous
 //! part as `process_resident_memory_anon_bytes`).
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
@@ -24,11 +25,14 @@ const COUNTS: &[f64] = &[
 /// The histograms whose values are counts, not seconds.
 const COUNT_HISTOGRAMS: &[&str] = &["chatd_store_batch_size"];
 
-/// Installs the global log subscriber (once; later calls do nothing).
+/// Installs the global log subscriber (once; later calls do nothing). Logs
+/// go to stdout, coloured only when stdout is a terminal (a file or a pipe
+/// gets plain text).
 pub fn init_logs(json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
         .with_target(false);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

@@ -324,6 +324,52 @@
     return text ? JSON.parse(text) : null;
   }
 
+  // A file as the raw body of POST /rooms/{id}/attachments; answers the `attachment`.
+  async function uploadAttachment(roomId, file, { retry = true } = {}) {
+    await ensureFreshToken();
+    const sentWith = auth.access_token;
+    let res;
+    try {
+      res = await fetch(`${API}/rooms/${encodeURIComponent(roomId)}/attachments?filename=${encodeURIComponent(file.name || 'attachment')}`, {
+        method: 'POST',
+        headers: { Authorization: `Bearer ${sentWith}`, 'Content-Type': file.type || 'application/octet-stream' },
+        body: file,
+      });
+    } catch (_) {
+      throw new ApiError(0, 'network', FRIENDLY.network);
+    }
+    if (res.status === 401 && retry) {
+      await refreshTokens({ force: true, failedAccess: sentWith });
+      return uploadAttachment(roomId, file, { retry: false });
+    }
+    if (!res.ok) throw await readError(res);
+    return res.json();
+  }
+
+  // Attachments need the bearer token, so <img> and links get blob: URLs.
+  const attachmentUrls = new Map(); // attachment id -> Promise<object URL>
+  function attachmentUrl(id) {
+    if (!attachmentUrls.has(id)) {
+      const p = (async () => {
+        await ensureFreshToken();
+        let res = await fetch(`${API}/attachments/${encodeURIComponent(id)}`, { headers: { Authorization: `Bearer ${auth.access_token}` } });
+        if (res.status === 401) {
+          await refreshTokens({ force: true });
+          res = await fetch(`${API}/attachments/${encodeURIComponent(id)}`, { headers: { Authorization: `Bearer ${auth.access_token}` } });
+        }
+        if (!res.ok) throw await readError(res);
+        return URL.createObjectURL(await res.blob());
+      })();
+      p.catch(() => attachmentUrls.delete(id)); // a failure may be retried later
+      attachmentUrls.set(id, p);
+    }
+    return attachmentUrls.get(id);
+  }
+  function forgetAttachmentUrls() {
+    for (const p of attachmentUrls.values()) p.then((u) => URL.revokeObjectURL(u), () => {});
+    attachmentUrls.clear();
+  }
+
   async function anonymous(path, body) {
     let res;
     try {
@@ -345,6 +391,7 @@
     openRoomId: null,
     cache: new Map(),         // room id -> {byId, bySeq, list, loaded, hasMore, loadingOlder}
     pending: new Map(),       // client_msg_id -> outgoing message not yet acked
+    drafts: new Map(),        // room id -> [{key, name, size, state, attachment, error}] files to send
     typing: new Map(),        // room id -> Map(user id -> timer)
   };
   const userFetches = new Map();
@@ -410,7 +457,12 @@
   // Insert a message into its room, by seq, dropping duplicates. True if new.
   function insertMessage(m) {
     const c = cacheFor(m.room_id);
-    if (c.byId.has(m.id) || c.bySeq.has(m.seq)) return false;
+    if (c.byId.has(m.id) || c.bySeq.has(m.seq)) {
+      // A later copy is the message's current state: its attachments win.
+      const old = c.byId.get(m.id);
+      if (old && Array.isArray(m.attachments)) old.attachments = m.attachments;
+      return false;
+    }
     c.byId.set(m.id, m);
     c.bySeq.set(m.seq, m);
     const list = c.list;
@@ -625,6 +677,7 @@
     const m = {
       id: f.message_id, room_id: f.room_id || p.room_id, seq: f.seq, sender_id: myId(),
       client_msg_id: f.client_msg_id, body: p.body, created_at: f.created_at || p.created_at,
+      attachments: p.attachments || [],
     };
     S.pending.delete(f.client_msg_id);
     gotMessage(m);
@@ -763,14 +816,19 @@
   // ------------------------------------------------------------------ sending
 
   function transmit(p) {
-    if (wsReady && wsSend({ type: 'send', room_id: p.room_id, client_msg_id: p.client_msg_id, body: p.body })) {
+    const frame = { type: 'send', room_id: p.room_id, client_msg_id: p.client_msg_id, body: p.body };
+    const ids = (p.attachments || []).map((a) => a.id);
+    if (ids.length) frame.attachments = ids;
+    if (wsReady && wsSend(frame)) {
       p.onWire = true;
       return;
     }
     // No socket: the same call over HTTP, for the same client_msg_id.
     if (p.httpInFlight) return;
     p.httpInFlight = true;
-    api('POST', `/rooms/${encodeURIComponent(p.room_id)}/messages`, { client_msg_id: p.client_msg_id, body: p.body })
+    const httpBody = { client_msg_id: p.client_msg_id, body: p.body };
+    if (ids.length) httpBody.attachments = ids;
+    api('POST', `/rooms/${encodeURIComponent(p.room_id)}/messages`, httpBody)
       .then((m) => {
         if (m && m.id) { S.pending.delete(p.client_msg_id); gotMessage({ ...m, room_id: m.room_id || p.room_id }); }
       })
@@ -791,16 +849,104 @@
     const body = input.value;
     if (!roomId) return;
     const trimmed = body.trim();
-    if (!trimmed) return;
+    const drafts = S.drafts.get(roomId) || [];
+    if (drafts.some((d) => d.state === 'uploading')) { showError('Wait until the files are uploaded.'); return; }
+    const attachments = drafts.filter((d) => d.state === 'ready').map((d) => d.attachment);
+    if (!trimmed && !attachments.length) return;
     if (trimmed.length > 4000) { showError('A message can be at most 4000 characters long.'); return; }
     const p = { client_msg_id: uuid(), room_id: roomId, body: trimmed, state: 'pending',
       created_at: new Date().toISOString(), sender_id: myId(), made: performance.now() };
+    if (attachments.length) p.attachments = attachments;
+    S.drafts.delete(roomId);
+    renderDrafts();
     S.pending.set(p.client_msg_id, p);
     input.value = '';
     autosize(input);
     stopTyping();
     transmit(p);
     render({ toBottom: true });
+  }
+
+  // ------------------------------------------------------------------ attachments
+
+  function fmtSize(n) {
+    if (n < 1024) return `${n} B`;
+    if (n < 1024 * 1024) return `${(n / 1024).toFixed(n < 10240 ? 1 : 0)} KB`;
+    return `${(n / 1024 / 1024).toFixed(1)} MB`;
+  }
+
+  function attachFiles(files) {
+    const roomId = S.openRoomId;
+    if (!roomId) return;
+    const list = S.drafts.get(roomId) || [];
+    S.drafts.set(roomId, list);
+    for (const file of files) {
+      const d = { key: uuid(), name: file.name || 'attachment', size: file.size, state: 'uploading', attachment: null, error: null };
+      list.push(d);
+      uploadAttachment(roomId, file)
+        .then((a) => { d.state = 'ready'; d.attachment = a; })
+        .catch((e) => {
+          if (e instanceof SessionEnded) return;
+          d.state = 'failed';
+          d.error = e.message;
+          showError(`Could not upload ${d.name}: ${e.message}`);
+        })
+        .finally(renderDrafts);
+    }
+    renderDrafts();
+  }
+
+  function removeDraft(roomId, key) {
+    const list = (S.drafts.get(roomId) || []).filter((d) => d.key !== key);
+    if (list.length) S.drafts.set(roomId, list); else S.drafts.delete(roomId);
+    renderDrafts();
+  }
+
+  function renderDrafts() {
+    const ul = $('composer-attachments');
+    const roomId = S.openRoomId;
+    const list = (roomId && S.drafts.get(roomId)) || [];
+    ul.textContent = '';
+    for (const d of list) {
+      const word = d.state === 'uploading' ? 'uploading…' : d.state === 'failed' ? 'failed' : fmtSize(d.size);
+      ul.append(el('li', { 'data-testid': 'draft-attachment', 'data-state': d.state, title: d.error || d.name },
+        el('span', { text: `${d.name} (${word})` }),
+        el('button', { type: 'button', 'aria-label': `Remove ${d.name}`, text: '×',
+          onclick: () => removeDraft(roomId, d.key) })));
+    }
+    ul.hidden = list.length === 0;
+  }
+
+  const INLINE_IMAGES = new Set(['image/png', 'image/jpeg', 'image/gif', 'image/webp', 'image/avif', 'image/bmp']);
+  const isInlineImage = (a) => INLINE_IMAGES.has(String(a.content_type || '').split(';')[0].trim().toLowerCase());
+
+  async function saveAttachment(a) {
+    const url = await attachmentUrl(a.id);
+    const link = el('a', { href: url, download: a.filename || 'attachment' });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  }
+
+  // The attachments of a message: images inline, other files as links.
+  function attachmentsBox(m) {
+    const box = el('div', { class: 'attachments', 'data-testid': 'message-attachments' });
+    for (const a of m.attachments || []) {
+      if (!a || !a.id) continue;
+      if (isInlineImage(a)) {
+        const img = el('img', { alt: a.filename || 'image', 'data-testid': 'attachment-image', 'data-id': a.id,
+          width: a.width || undefined, height: a.height || undefined, title: a.filename });
+        attachmentUrl(a.id).then((u) => { img.src = u; }, (e) => { img.alt = `${a.filename}: ${e.message}`; });
+        box.append(el('button', { type: 'button', class: 'link', title: `Save ${a.filename}`,
+          onclick: guard(() => saveAttachment(a), 'Could not download') }, img));
+      } else {
+        box.append(el('span', { class: 'file' },
+          el('button', { type: 'button', class: 'link', 'data-testid': 'attachment-link', 'data-id': a.id,
+            text: a.filename || 'attachment', onclick: guard(() => saveAttachment(a), 'Could not download') }),
+          el('span', { class: 'size', text: fmtSize(a.size || 0) })));
+      }
+    }
+    return box;
   }
 
   function retry(clientMsgId) {
@@ -1059,6 +1205,7 @@
     renderHeader();
     renderMessages(opts);
     renderTyping();
+    renderDrafts();
   }
 
   function fmtTime(iso) {
@@ -1107,7 +1254,7 @@
       }
       setText(name, roomTitle(room));
       const lm = room.last_message;
-      setText(last, lm ? `${lm.sender_id === myId() ? 'You: ' : (room.kind === 'group' ? `${userName(lm.sender_id)}: ` : '')}${lm.body}` : 'No messages yet');
+      setText(last, lm ? `${lm.sender_id === myId() ? 'You: ' : (room.kind === 'group' ? `${userName(lm.sender_id)}: ` : '')}${lm.body || ((lm.attachments || []).length ? `[${lm.attachments.map((a) => a.filename).join(', ')}]` : '')}` : 'No messages yet');
       const n = room.unread || 0;
       unread.hidden = n === 0;
       setText(unread, String(n));
@@ -1224,6 +1371,14 @@
               mine ? el('span', { class: 'status', 'data-testid': 'message-status' },
                 el('span', { class: 'ticks', 'aria-hidden': 'true' }), el('span', { class: 'word' })) : null)));
         msgEls.set(key, li);
+      }
+      const attKey = (m.attachments || []).map((a) => a && a.id).join(',');
+      if ((li.dataset.attachments || '') !== attKey) {
+        const old = li.querySelector('.attachments');
+        if (old) old.remove();
+        if (attKey) li.querySelector('.bubble').prepend(attachmentsBox(m));
+        li.dataset.attachments = attKey;
+        li.querySelector('.body').hidden = !m.body;
       }
       if (m.id) li.dataset.id = m.id; else delete li.dataset.id;
       if (m.seq) li.dataset.seq = String(m.seq); else delete li.dataset.seq;
@@ -1345,6 +1500,8 @@
     S.rooms.clear();
     S.cache.clear();
     S.pending.clear();
+    S.drafts.clear();
+    forgetAttachmentUrls();
     S.users.clear();
     S.blocks.clear();
     S.openRoomId = null;
@@ -1436,6 +1593,12 @@
       if (e.key === 'Enter' && !e.shiftKey && !e.isComposing) { e.preventDefault(); sendFromComposer(); }
     });
     input.addEventListener('input', onComposerInput);
+    $('attach-button').addEventListener('click', () => $('attach-input').click());
+    $('attach-input').addEventListener('change', guard((e) => {
+      const files = [...e.target.files];
+      e.target.value = '';
+      attachFiles(files);
+    }, 'Could not attach'));
     input.addEventListener('blur', stopTyping);
     $('back').addEventListener('click', closeRoom);
     $('block').addEventListener('click', guard(toggleBlock, 'Could not change the block'));

@@ -316,8 +316,8 @@ impl chatd::broker::Broker for StuckBroker {
         true
     }
 
-    fn kind(&self) -> &'static str {
-        "stuck"
+    fn backend(&self) -> chatd::broker::BrokerKind {
+        chatd::broker::BrokerKind::RabbitMq
     }
 }
 
@@ -401,5 +401,22 @@ async fn acks_do_not_wait_for_a_stuck_broker() {
             .load(std::sync::atomic::Ordering::SeqCst)
             >= 1,
         "the cross-node copy was attempted"
+    );
+}
+
+/// Issue 17 point 5: the notification pool runs under the root supervisor
+/// and shows in the admin tree.
+#[tokio::test]
+async fn the_notification_pool_is_in_the_tree() {
+    let app = spawn_app().await;
+    let admin = app.register_named("admin").await;
+    let (s, tree) = app.get("/admin/v1/actors", &admin.token).await;
+    assert_eq!(s, 200, "{tree}");
+    let mut hits = Vec::new();
+    find(&tree, &|n| n["kind"] == "notification_pool", &mut hits);
+    assert_eq!(hits.len(), 1, "{tree}");
+    assert!(
+        !hits[0]["children"].as_array().unwrap().is_empty(),
+        "its workers are listed: {tree}"
     );
 }

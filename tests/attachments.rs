@@ -543,3 +543,129 @@ async fn unattached_uploads_are_swept() {
     let r = download(&app, &alice.token, &kept, &[]).await;
     assert_eq!(r.status().as_u16(), 200, "an attached file stays");
 }
+
+/// The MongoDB URI under test, or `None` to skip; panics when
+/// `CHAT_REQUIRE_MONGODB=1` and no URI is given.
+fn mongo_uri() -> Option<String> {
+    match std::env::var("CHAT_TEST_MONGODB_URI") {
+        Ok(u) if !u.trim().is_empty() => Some(u),
+        _ => {
+            assert!(
+                std::env::var("CHAT_REQUIRE_MONGODB").as_deref() != Ok("1"),
+                "CHAT_REQUIRE_MONGODB=1 but CHAT_TEST_MONGODB_URI is not set"
+            );
+            eprintln!("CHAT_TEST_MONGODB_URI is not set: MongoDB test skipped");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mongodb_every_node_serves_every_attachment() {
+    let Some(uri) = mongo_uri() else { return };
+    let db = format!(
+        "chatd_att_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    );
+    let mongo = |s: &mut chatd::config::Settings| {
+        s.store.kind = chatd::config::StoreKind::Mongodb;
+        s.store.mongodb.uri = uri.clone();
+        s.store.mongodb.database = db.clone();
+    };
+    let n1 = spawn_app_with(mongo).await;
+    let n2 = spawn_app_with(mongo).await;
+    let (alice, bob) = (n1.register("al").await, n1.register("bo").await);
+    let room = n1.direct(&alice, &bob).await;
+    let img = png(4, 3);
+    let (s, a) = upload(
+        &n1,
+        &alice.token,
+        &room,
+        "p.png",
+        Some("image/png"),
+        img.clone(),
+    )
+    .await;
+    assert_eq!(s, 201, "{a}");
+    assert_eq!(
+        (a["width"].as_u64(), a["height"].as_u64()),
+        (Some(4), Some(3))
+    );
+    let id = a["id"].as_str().unwrap().to_owned();
+    let r = download(&n2, &alice.token, &id, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        header(&r, "etag"),
+        format!("\"{}\"", a["sha256"].as_str().unwrap())
+    );
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img);
+    let r = download(&n2, &alice.token, &id, &[("range", "bytes=8-15")]).await;
+    assert_eq!(r.status().as_u16(), 206);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img[8..16]);
+    // Bound to a message on one node, readable by the room's members on the other.
+    let store = blobs::gridfs::GridFsBlobStore::open(&n1.hub.settings.store.mongodb)
+        .await
+        .unwrap();
+    blobs::attach_to_message(
+        &store,
+        &[AttachmentId::parse(&id).unwrap()],
+        &RoomId::parse(&room).unwrap(),
+        &MessageId::generate(),
+        &UserId::parse(&alice.id).unwrap(),
+    )
+    .await
+    .unwrap();
+    let r = download(&n2, &bob.token, &id, &[]).await;
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.bytes().await.unwrap().to_vec(), img);
+    let (s, v) = upload(&n2, &alice.token, &room, "e", None, vec![]).await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (400, Some("empty_attachment"))
+    );
+    mongodb::Client::with_uri_str(&uri)
+        .await
+        .unwrap()
+        .database(&db)
+        .drop()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_upload_cut_off_leaves_no_partial_file() {
+    let app = spawn_app().await;
+    let (alice, bob) = (app.register("al").await, app.register("bo").await);
+    let room = app.direct(&alice, &bob).await;
+    let tmp = app.dir.path().join("attachments").join("tmp");
+    let parts = || std::fs::read_dir(&tmp).unwrap().count();
+    let mut stream = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let head = format!(
+        "POST /api/v1/rooms/{room}/attachments?filename=cut.bin HTTP/1.1\r\nHost: t\r\n\
+         Authorization: Bearer {}\r\nContent-Type: application/octet-stream\r\n\
+         Content-Length: 2000000\r\n\r\n",
+        alice.token
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&vec![b'x'; 600 * 1024]).await.unwrap();
+    stream.flush().await.unwrap();
+    // The upload is being written ...
+    let deadline = Instant::now() + WAIT;
+    while parts() == 0 {
+        assert!(Instant::now() < deadline, "no partial file appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ... when the client goes away.
+    drop(stream);
+    let deadline = Instant::now() + WAIT;
+    while parts() > 0 {
+        assert!(Instant::now() < deadline, "the partial file stayed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = blob_store(&app).await;
+    assert!(s
+        .unattached_before("9999-12-31T23:59:59.999Z", 10)
+        .await
+        .unwrap()
+        .is_empty());
+}

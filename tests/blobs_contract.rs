@@ -76,7 +76,7 @@ fn mongo_uri() -> Option<String> {
 
 fn mongo_settings(uri: &str) -> Settings {
     let mut s = Settings::defaults();
-    s.store.kind = "mongodb".into();
+    s.store.kind = chatd::config::StoreKind::Mongodb;
     s.store.mongodb.uri = uri.to_owned();
     s.store.mongodb.database = format!(
         "chatd_blobs_{}",

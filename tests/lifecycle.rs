@@ -128,7 +128,7 @@ async fn mongo_app() -> Option<TestApp> {
     };
     Some(
         spawn_app_with(|s| {
-            s.store.kind = "mongodb".into();
+            s.store.kind = chatd::config::StoreKind::Mongodb;
             s.store.mongodb.uri = uri;
             s.store.mongodb.database = uniq("lifecycle_");
         })

@@ -2,7 +2,8 @@
 //! that serves the API: every documented operation is routed (the router's
 //! fallback never answers it), documented paths answer no other method, every
 //! row of the contract (API.md) is documented, and no route is registered
-//! around the OpenAPI router.
+//! around the OpenAPI router; and an outside validator
+//! (openapi-spec-validator from PyPI) accepts the document.
 
 mod common;
 
@@ -341,5 +342,56 @@ fn no_route_bypasses_the_openapi_router() {
         found.is_empty(),
         "register routes with utoipa_axum's routes! on an OpenApiRouter:\n{}",
         found.join("\n")
+    );
+}
+
+/// The OpenAPI validator's command: `CHAT_TEST_OPENAPI_VALIDATOR`, else the
+/// one scripts/test.sh installs into .venv, else one on PATH.
+fn validator() -> Option<std::path::PathBuf> {
+    if let Ok(v) = std::env::var("CHAT_TEST_OPENAPI_VALIDATOR") {
+        return Some(v.into());
+    }
+    let venv =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/openapi-spec-validator");
+    if venv.exists() {
+        return Some(venv);
+    }
+    let on_path = std::process::Command::new("openapi-spec-validator")
+        .arg("--help")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    on_path.then(|| "openapi-spec-validator".into())
+}
+
+/// An outside validator (openapi-spec-validator from PyPI) accepts the
+/// served document: the drift tests above check it against the router, this
+/// one against the OpenAPI specification (schema, `$ref`s, operation ids).
+#[tokio::test]
+async fn an_outside_validator_accepts_the_document() {
+    let Some(cmd) = validator() else {
+        assert!(
+            std::env::var_os("CHAT_REQUIRE_OPENAPI_VALIDATOR").is_none(),
+            "openapi-spec-validator is required (CHAT_REQUIRE_OPENAPI_VALIDATOR is set) but \
+             missing: scripts/test.sh installs it into .venv (pip install openapi-spec-validator)"
+        );
+        eprintln!("openapi-spec-validator not found: outside validation skipped");
+        return;
+    };
+    let app = spawn_app().await;
+    let doc = served_document(&app).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&doc).unwrap()).unwrap();
+    let out = tokio::process::Command::new(&cmd)
+        .arg(&file)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", cmd.display()));
+    assert!(
+        out.status.success(),
+        "{} rejects the document:\n{}\n{}",
+        cmd.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
 }

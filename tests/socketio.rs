@@ -404,3 +404,54 @@ async fn socketio_slow_consumer_is_closed_not_dropped() {
     }
     s.finish().await;
 }
+
+/// `socketio.ping_interval_ms` / `ping_timeout_ms` reach the Engine.IO
+/// handshake and the server pings at that interval (the Socket.IO protocol
+/// test suites use 300/200 ms).
+#[tokio::test]
+async fn socketio_timers_are_configurable() {
+    let app = spawn_app_with(|s| {
+        s.socketio.ping_interval_ms = 300;
+        s.socketio.ping_timeout_ms = 200;
+        s.socketio.connect_timeout_ms = 1000;
+        s.socketio.max_payload_bytes = 1_000_000;
+    })
+    .await;
+    let a = app.register("beat").await;
+    let mut s = script(&app, "heartbeat", &[("SIO_TOKEN", &a.token)]).await;
+    let r = s.step("heartbeat").await;
+    eprintln!("heartbeat: {r}");
+    assert_eq!(r["ping_interval"], 300);
+    assert_eq!(r["ping_timeout"], 200);
+    for gap in r["gaps"].as_array().unwrap() {
+        let gap = gap.as_u64().unwrap();
+        assert!(
+            (200..=1000).contains(&gap),
+            "a ping every 300 ms, got a gap of {gap} ms"
+        );
+    }
+    // socketioxide gives the Socket.IO socket its Engine.IO session id
+    // (docs/protocol.md says so); this pins that down.
+    assert_eq!(r["sid"], r["engine_sid"]);
+    s.finish().await;
+}
+
+/// A Socket.IO connect over `ws.max_sockets_per_user` (counted with `/ws`
+/// sockets) is refused with `too_many_sockets`.
+#[tokio::test]
+async fn socketio_connects_over_the_per_user_cap_are_refused() {
+    let app = spawn_app_with(|s| s.ws.max_sockets_per_user = 1).await;
+    let a = app.register("capped").await;
+    let (mut ws, _) = app.ws(&a).await;
+    let mut s = script(&app, "capped", &[("SIO_TOKEN", &a.token)]).await;
+    let r = s.step("capped").await;
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("too_many_sockets"),
+        "{r}"
+    );
+    s.finish().await;
+    ws.assert_none_of("error").await;
+}

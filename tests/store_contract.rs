@@ -55,7 +55,7 @@ fn mongo_uri() -> Option<String> {
 /// A config for a fresh, uniquely named database on the server under test.
 fn mongo_cfg(uri: &str) -> StoreConfig {
     let mut cfg = Settings::defaults().store;
-    cfg.kind = "mongodb".into();
+    cfg.kind = chatd::config::StoreKind::Mongodb;
     cfg.mongodb.uri = uri.to_owned();
     cfg.mongodb.database = format!(
         "chatd_test_{}",
@@ -195,7 +195,7 @@ async fn mongodb_refuses_another_backends_or_foreign_data() {
 async fn mongodb_unreachable_is_unavailable_not_a_panic() {
     // Nothing listens on port 1; a short selection timeout keeps this quick.
     let mut cfg = Settings::defaults().store;
-    cfg.kind = "mongodb".into();
+    cfg.kind = chatd::config::StoreKind::Mongodb;
     cfg.mongodb.uri =
         "mongodb://127.0.0.1:1/?directConnection=true&serverSelectionTimeoutMS=300".into();
     match store::open(&cfg).await {
@@ -794,6 +794,8 @@ async fn sqlite_two_stores_on_one_file_share_one_gapless_seq() {
                 },
                 client_msg_id: ClientMsgId::from_trusted(format!("n{i}-{k}")),
                 body: MessageBody::from_trusted("x".into()),
+                reply_to: None,
+                attachments: Vec::new(),
             })
             .collect()
     };

@@ -35,7 +35,7 @@ fn sqlite_cfg(path: &Path) -> StoreConfig {
 
 fn mongo_cfg(uri: &str) -> StoreConfig {
     let mut cfg = Settings::defaults().store;
-    cfg.kind = "mongodb".into();
+    cfg.kind = chatd::config::StoreKind::Mongodb;
     cfg.mongodb.uri = uri.to_owned();
     cfg.mongodb.database = format!(
         "chatd_test_{}",

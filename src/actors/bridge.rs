@@ -91,7 +91,7 @@ impl Actor for BrokerBridge {
 }
 
 async fn heartbeat(hub: &Hub) {
-    let users: Vec<_> = hub.sessions.iter().map(|e| e.key().clone()).collect();
+    let users = hub.sessions.keys();
     hub.publish(
         Route::AllNodes,
         Event::Heartbeat {
@@ -105,19 +105,9 @@ async fn heartbeat(hub: &Hub) {
     )
     .await;
     // Nodes silent for too long are gone: their users are offline.
-    let timeout = i64::try_from(hub.settings.cluster.node_timeout_secs).unwrap_or(i64::MAX);
-    let now = chrono::Utc::now();
-    let dead: Vec<String> = hub
+    let dead = hub
         .nodes
-        .iter()
-        .filter(|n| n.id != hub.node_id)
-        .filter(|n| {
-            chrono::DateTime::parse_from_rfc3339(&n.last_heartbeat)
-                .map(|t| (now - t.with_timezone(&chrono::Utc)).num_seconds() >= timeout)
-                .unwrap_or(true)
-        })
-        .map(|n| n.id.clone())
-        .collect();
+        .silent(&hub.node_id, hub.settings.cluster.node_timeout_secs);
     for node in dead {
         tracing::warn!(node = %node, "node missed its heartbeats; its sessions count as gone");
         node_gone(hub, &node).await;
@@ -142,8 +132,8 @@ async fn node_gone(hub: &Hub, node: &str) {
 /// Asks every local session to push what the store has beyond what it
 /// pushed (live copies that did not cross the broker).
 fn settle_sessions(hub: &Hub) {
-    for s in hub.sessions.iter() {
-        let _ = s.value().cast(SessionMsg::Settle);
+    for s in hub.sessions.actors() {
+        let _ = s.cast(SessionMsg::Settle);
     }
 }
 
@@ -176,10 +166,10 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
     let from = &d.envelope.from;
     if from != &hub.node_id
         && !matches!(d.envelope.event, Event::NodeLeft { .. })
-        && !hub.nodes.contains_key(from)
+        && hub.nodes.track(from)
     {
         // A node heard of before its first heartbeat (its presence events
-        // fill the directory): track it now, so that it times out if it
+        // fill the directory): tracked from now, so that it times out if it
         // dies before that heartbeat. It may also be a node this one had
         // counted as gone (a backlog delayed its heartbeats) and stopped
         // routing to meanwhile: its sessions settle from the store.
@@ -190,17 +180,6 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             },
         )
         .await;
-        hub.nodes.insert(
-            from.clone(),
-            NodeInfo {
-                id: from.clone(),
-                address: String::new(),
-                started_at: String::new(),
-                last_heartbeat: now_rfc3339(),
-                sessions: 0,
-                rooms: 0,
-            },
-        );
     }
     match &d.envelope.event {
         Event::Deliver {
@@ -209,19 +188,16 @@ async fn handle(hub: &Arc<Hub>, d: Delivery) {
             seq,
             exclude,
             frame,
-        } => {
-            let frame = crate::protocol::Frame::from(frame.clone());
-            for u in users {
-                if let Some(s) = hub.sessions.get(u) {
-                    let _ = s.cast(SessionMsg::Deliver {
-                        room_id: room_id.clone(),
-                        seq: *seq,
-                        exclude: exclude.clone(),
-                        frame: frame.clone(),
-                    });
-                }
-            }
-        }
+        } => super::fanout::deliver_local(
+            hub,
+            &[crate::broker::DeliverItem {
+                users: users.clone(),
+                room_id: room_id.clone(),
+                seq: *seq,
+                exclude: exclude.clone(),
+                frame: frame.clone(),
+            }],
+        ),
         Event::DeliverBatch { items } => super::fanout::deliver_local(hub, items),
         Event::Presence {
             user_id,

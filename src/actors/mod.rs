@@ -8,18 +8,17 @@
 //! ```
 //!
 //! [`Hub`] is the shared context every actor and socket task holds: config,
-//! store, broker, the registries of live actors, and the cluster directory.
+//! store, broker, the fan-out, the registries of live actors, and the
+//! cluster's node table and directory ([`crate::cluster`]).
 
 pub mod bridge;
 pub mod fanout;
+pub mod keyed_sup;
 pub mod lifecycle;
 pub mod room;
-pub mod room_sup;
 pub mod root;
 pub mod session;
-pub mod session_sup;
 
-use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
@@ -29,7 +28,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::cluster::{Directory, NodeInfo};
+
 use crate::broker::{Broker, Envelope, Event, Route};
+use crate::cluster::{NodeTable, Presence};
 use crate::config::Settings;
 use crate::domain::{RoomId, Seq, SessionId, UserId};
 use crate::protocol::Frame;
@@ -38,81 +40,6 @@ use crate::store::Stores;
 
 /// How long a caller waits on an actor's answer.
 pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Which nodes hold sockets of which users, cluster-wide (this node's own
-/// entries included). Kept fresh by presence events and heartbeats.
-#[derive(Default)]
-pub struct Directory {
-    users: DashMap<UserId, BTreeSet<String>>,
-}
-
-impl Directory {
-    /// Records that `node` does (or no longer does) hold `user`. Returns
-    /// whether the user's cluster-wide online state changed.
-    pub fn set(&self, user: &UserId, node: &str, online: bool) -> bool {
-        if online {
-            let mut e = self.users.entry(user.clone()).or_default();
-            let was = !e.is_empty();
-            e.insert(node.to_owned());
-            !was
-        } else {
-            let mut changed = false;
-            self.users.remove_if_mut(user, |_, nodes| {
-                let was = !nodes.is_empty();
-                nodes.remove(node);
-                changed = was && nodes.is_empty();
-                nodes.is_empty()
-            });
-            changed
-        }
-    }
-
-    /// Whether any node holds a socket of the user.
-    pub fn is_online(&self, user: &UserId) -> bool {
-        self.users.get(user).is_some_and(|n| !n.is_empty())
-    }
-
-    /// Calls `f` for every node other than `own` that holds the user.
-    pub fn for_each_remote(&self, user: &UserId, own: &str, mut f: impl FnMut(&str)) {
-        if let Some(nodes) = self.users.get(user) {
-            for n in nodes.iter().filter(|n| n.as_str() != own) {
-                f(n);
-            }
-        }
-    }
-
-    /// Nodes holding the user.
-    pub fn nodes_of(&self, user: &UserId) -> Vec<String> {
-        self.users
-            .get(user)
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// Replaces what `node` holds by `users` (a heartbeat); returns users
-    /// whose online state changed, with their new state.
-    pub fn replace_node(&self, node: &str, users: &[UserId]) -> Vec<(UserId, bool)> {
-        let mut changed = Vec::new();
-        let now: std::collections::HashSet<&UserId> = users.iter().collect();
-        let stale: Vec<UserId> = self
-            .users
-            .iter()
-            .filter(|e| e.value().contains(node) && !now.contains(e.key()))
-            .map(|e| e.key().clone())
-            .collect();
-        for u in stale {
-            if self.set(&u, node, false) {
-                changed.push((u, false));
-            }
-        }
-        for u in users {
-            if self.set(u, node, true) {
-                changed.push((u.clone(), true));
-            }
-        }
-        changed
-    }
-}
 
 /// Shared context of a node.
 pub struct Hub {
@@ -124,37 +51,27 @@ pub struct Hub {
     pub broker: Arc<dyn Broker>,
     /// Where frames and notification jobs go (never waits for the broker).
     pub fanout: fanout::Fanout,
-    /// Local session actors by user.
-    pub sessions: DashMap<UserId, ActorRef<session::SessionMsg>>,
+    /// Local session actors by user (the session supervisor writes it).
+    pub sessions: keyed_sup::Keyed<keyed_sup::SessionChild>,
     /// Open sockets of local users; a restarted session actor adopts them.
     pub sockets: DashMap<UserId, Vec<SocketHandle>>,
-    /// Local room actors by room.
-    pub rooms: DashMap<RoomId, ActorRef<room::RoomMsg>>,
+    /// Local room actors by room (the room supervisor writes it).
+    pub rooms: keyed_sup::Keyed<keyed_sup::RoomChild>,
     pub directory: Directory,
     /// Known nodes (this one included), for the cluster view.
-    pub nodes: DashMap<String, NodeInfo>,
+    pub nodes: NodeTable,
     /// Cancelled when the node shuts down: sockets stop reading.
     pub shutdown: CancellationToken,
     /// Room pipelines in flight; shutdown waits for them.
     pub pipelines: TaskTracker,
-    pub(crate) session_sup: RwLock<Option<ActorRef<session_sup::SessionSupMsg>>>,
-    pub(crate) room_sup: RwLock<Option<ActorRef<room_sup::RoomSupMsg>>>,
+    /// The room supervisor (the shutdown sequence stops its children).
+    pub(crate) room_sup: RwLock<Option<ActorRef<keyed_sup::SupMsg<keyed_sup::RoomChild>>>>,
     pub(crate) broker_down: AtomicBool,
     /// Admin session queries waiting for other nodes' reports.
-    pub admin_queries: DashMap<String, mpsc::UnboundedSender<(String, Vec<session::SessionInfo>)>>,
+    pub admin_queries:
+        DashMap<String, mpsc::UnboundedSender<(String, Vec<crate::cluster::SessionInfo>)>>,
     /// The root supervisor, for the admin tree.
     pub root: OnceLock<ractor::ActorCell>,
-}
-
-/// One node as seen in the cluster view.
-#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct NodeInfo {
-    pub id: String,
-    pub address: String,
-    pub started_at: String,
-    pub last_heartbeat: String,
-    pub sessions: usize,
-    pub rooms: usize,
 }
 
 /// What may go wrong when asking an actor.
@@ -183,14 +100,13 @@ impl Hub {
             settings,
             stores,
             broker,
-            sessions: DashMap::new(),
+            sessions: Default::default(),
             sockets: DashMap::new(),
-            rooms: DashMap::new(),
+            rooms: Default::default(),
             directory: Directory::default(),
-            nodes: DashMap::new(),
+            nodes: NodeTable::default(),
             shutdown: CancellationToken::new(),
             pipelines: TaskTracker::new(),
-            session_sup: RwLock::new(None),
             room_sup: RwLock::new(None),
             broker_down: AtomicBool::new(false),
             admin_queries: DashMap::new(),
@@ -226,32 +142,12 @@ impl Hub {
     /// The room actor of `room`, started if needed. `NotFound` if the room
     /// does not exist.
     pub async fn room(&self, room: &RoomId) -> Result<ActorRef<room::RoomMsg>, ActorError> {
-        if let Some(r) = self.rooms.get(room) {
-            return Ok(r.clone());
-        }
-        let sup = self
-            .room_sup
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| ActorError::Unavailable("room supervisor not started".into()))?;
-        ractor::call!(sup, room_sup::RoomSupMsg::GetOrSpawn, room.clone())
-            .map_err(|e| ActorError::Unavailable(e.to_string()))?
+        self.rooms.get_or_spawn(room).await
     }
 
     /// Sends to a room actor, restarting it once if it stopped meanwhile.
     pub async fn send_to_room(&self, room: &RoomId, msg: room::RoomMsg) -> Result<(), ActorError> {
-        let r = self.room(room).await?;
-        match r.cast(msg) {
-            Ok(()) => Ok(()),
-            Err(ractor::MessagingErr::SendErr(msg)) => {
-                self.rooms.remove_if(room, |_, v| v.get_id() == r.get_id());
-                let r = self.room(room).await?;
-                r.cast(msg)
-                    .map_err(|e| ActorError::Unavailable(e.to_string()))
-            }
-            Err(e) => Err(ActorError::Unavailable(e.to_string())),
-        }
+        self.rooms.send(room, msg).await
     }
 
     /// The session actor of a local user, started if needed.
@@ -259,17 +155,7 @@ impl Hub {
         &self,
         user: &UserId,
     ) -> Result<ActorRef<session::SessionMsg>, ActorError> {
-        if let Some(s) = self.sessions.get(user) {
-            return Ok(s.clone());
-        }
-        let sup = self
-            .session_sup
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .ok_or_else(|| ActorError::Unavailable("session supervisor not started".into()))?;
-        ractor::call!(sup, session_sup::SessionSupMsg::GetOrSpawn, user.clone())
-            .map_err(|e| ActorError::Unavailable(e.to_string()))?
+        self.sessions.get_or_spawn(user).await
     }
 
     /// Delivers a frame to `users`: local sessions directly, other nodes
@@ -292,7 +178,7 @@ impl Hub {
     /// Membership of `room` changed: the local room actor reloads (waiting
     /// for it with `wait`); with `wait`, other nodes are told as well.
     pub async fn apply_room_changed(&self, room: &RoomId, wait: bool) {
-        let actor = self.rooms.get(room).map(|r| r.clone());
+        let actor = self.rooms.actor(room);
         if let Some(r) = actor {
             if wait {
                 let _ = r
@@ -316,7 +202,7 @@ impl Hub {
     /// `user` blocked or unblocked someone: local rooms and the user's
     /// session reload (waiting with `wait`, which also tells other nodes).
     pub async fn apply_blocks_changed(&self, user: &UserId, wait: bool) {
-        let rooms: Vec<_> = self.rooms.iter().map(|r| r.value().clone()).collect();
+        let rooms = self.rooms.actors();
         for r in rooms {
             if wait {
                 let _ = r
@@ -329,7 +215,7 @@ impl Hub {
                 let _ = r.cast(room::RoomMsg::BlocksChanged(user.clone(), None));
             }
         }
-        let session = self.sessions.get(user).map(|s| s.clone());
+        let session = self.sessions.actor(user);
         if let Some(s) = session {
             if wait {
                 let _ = s
@@ -354,15 +240,13 @@ impl Hub {
     }
 
     /// The admin view of the user's session actor on this node, if any.
-    pub async fn inspect_local_session(&self, user: &UserId) -> Option<session::SessionInfo> {
-        let s = self.sessions.get(user).map(|s| s.clone())?;
-        match s
-            .call(session::SessionMsg::Inspect, Some(CALL_TIMEOUT))
+    pub async fn inspect_local_session(
+        &self,
+        user: &UserId,
+    ) -> Option<crate::cluster::SessionInfo> {
+        self.sessions
+            .inspect(user, session::SessionMsg::Inspect)
             .await
-        {
-            Ok(ractor::rpc::CallResult::Success(info)) => Some(info),
-            _ => None,
-        }
     }
 
     /// The user's session actors across the cluster: this node's, and those
@@ -372,8 +256,8 @@ impl Hub {
         &self,
         user: &UserId,
         wait: std::time::Duration,
-    ) -> (Vec<session::SessionInfo>, Vec<String>) {
-        let mut out: Vec<session::SessionInfo> =
+    ) -> (Vec<crate::cluster::SessionInfo>, Vec<String>) {
+        let mut out: Vec<crate::cluster::SessionInfo> =
             self.inspect_local_session(user).await.into_iter().collect();
         let mut waiting: std::collections::BTreeSet<String> = self
             .directory
@@ -412,8 +296,44 @@ impl Hub {
         (out, waiting.into_iter().collect())
     }
 
-    /// Whether the user counts as an admin.
-    pub fn is_admin(&self, username: &str) -> bool {
-        self.settings.admin.usernames.iter().any(|u| u == username)
+    /// Closes every socket of `user` on every node (an operator's request).
+    pub async fn disconnect_everywhere(&self, user: &UserId) {
+        let local = self.sessions.actor(user);
+        if let Some(s) = local {
+            let _ = s.cast(session::SessionMsg::Disconnect);
+        }
+        self.publish(
+            Route::AllNodes,
+            Event::Disconnect {
+                user_id: user.clone(),
+            },
+        )
+        .await;
+    }
+}
+
+impl Presence for Hub {
+    fn is_online(&self, user: &UserId) -> bool {
+        // This node's own sessions count at once; the directory learns of
+        // them when the presence event comes back from the bus.
+        self.sessions.contains_key(user) || self.directory.is_online(user)
+    }
+
+    fn nodes_of(&self, user: &UserId) -> Vec<String> {
+        self.directory.nodes_of(user)
+    }
+}
+
+impl From<Arc<Hub>> for crate::notify::Services {
+    fn from(hub: Arc<Hub>) -> Self {
+        Self {
+            node_id: hub.node_id.clone(),
+            settings: hub.settings.clone(),
+            stores: hub.stores.clone(),
+            broker: hub.broker.clone(),
+            supervisor: hub.root.get().cloned(),
+            shutdown: hub.shutdown.clone(),
+            presence: hub,
+        }
     }
 }

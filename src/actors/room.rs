@@ -18,6 +18,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+use super::keyed_sup::StopReason;
 use super::{fanout, Hub};
 use crate::broker::NotifyJob;
 use crate::domain::{ClientMsgId, MessageBody, MessageId, RoomId, Seq, UserId};
@@ -203,12 +204,11 @@ impl Actor for RoomActor {
             RoomMsg::Tick => {
                 let idle = Duration::from_secs(st.hub.settings.rooms.idle_secs.max(1));
                 if st.retiring {
-                    myself.stop(Some("idle".into()));
+                    myself.stop(Some(StopReason::Idle.into()));
                 } else if st.last_activity.elapsed() >= idle {
                     // Leave the registry first, serve stragglers until the
                     // next tick, then stop.
-                    let id = myself.get_id();
-                    st.hub.rooms.remove_if(&st.room_id, |_, v| v.get_id() == id);
+                    st.hub.rooms.retire(st.room_id.clone(), myself.get_id());
                     st.retiring = true;
                 }
                 return Ok(());

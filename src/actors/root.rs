@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use super::bridge::BrokerBridge;
-use super::room_sup::RoomSupervisor;
-use super::session_sup::SessionSupervisor;
+use super::keyed_sup::{KeyedSupervisor, RoomChild, SessionChild};
 use super::Hub;
 
 /// Restarts tolerated within [`RESTART_WINDOW`].
@@ -46,19 +45,18 @@ async fn start_child(
         Child::Sessions => {
             let (a, _) = Actor::spawn_linked(
                 Some(format!("sessions@{}", hub.node_id)),
-                SessionSupervisor,
-                hub.clone(),
+                KeyedSupervisor::<SessionChild>::default(),
+                (hub.clone(), hub.sessions.clone()),
                 root.get_cell(),
             )
             .await?;
-            *hub.session_sup.write().unwrap_or_else(|e| e.into_inner()) = Some(a.clone());
             a.get_cell()
         }
         Child::Rooms => {
             let (a, _) = Actor::spawn_linked(
                 Some(format!("rooms@{}", hub.node_id)),
-                RoomSupervisor,
-                hub.clone(),
+                KeyedSupervisor::<RoomChild>::default(),
+                (hub.clone(), hub.rooms.clone()),
                 root.get_cell(),
             )
             .await?;

@@ -12,8 +12,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use serde::Serialize;
 
+use super::keyed_sup::StopReason;
 use super::Hub;
 use crate::broker::{Event, Route};
 use crate::domain::{now_rfc3339, RoomId, Seq, SessionId, UserId};
@@ -52,23 +52,7 @@ pub enum SessionMsg {
     Inspect(RpcReplyPort<SessionInfo>),
 }
 
-/// The admin view of a session actor.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct SessionInfo {
-    pub node: String,
-    pub user_id: UserId,
-    pub connected_at: String,
-    pub presence: String,
-    pub devices: Vec<DeviceInfo>,
-}
-
-/// One socket in the admin view.
-#[derive(Debug, Clone, Serialize, serde::Deserialize, utoipa::ToSchema)]
-pub struct DeviceInfo {
-    pub session_id: SessionId,
-    pub connected_at: String,
-    pub queued_frames: usize,
-}
+pub use crate::cluster::{DeviceInfo, SessionInfo};
 
 /// Actor state.
 pub struct SessionState {
@@ -141,7 +125,7 @@ impl Actor for SessionActor {
                 if first {
                     st.announced_online = true;
                     announce(st, true, None).await;
-                    if st.hub.broker.kind() != "inprocess" {
+                    if st.hub.broker.backend().spans_nodes() {
                         // Other nodes route to this one once they processed
                         // the announcement; settle after that.
                         let secs = st.hub.settings.cluster.heartbeat_secs.max(1);
@@ -230,17 +214,13 @@ impl Actor for SessionActor {
 
 /// Last socket gone: leave the registry, record `last_seen`, tell contacts.
 async fn go_offline(st: &mut SessionState, myself: &ActorRef<SessionMsg>) {
-    let id = myself.get_id();
-    st.hub
-        .sessions
-        .remove_if(&st.user_id, |_, v| v.get_id() == id);
-    metrics::gauge!("chatd_sessions").set(st.hub.sessions.len() as f64);
+    st.hub.sessions.retire(st.user_id.clone(), myself.get_id());
     let now = now_rfc3339();
     if let Err(e) = st.hub.stores.users.set_last_seen(&st.user_id, &now).await {
         tracing::warn!(error = %e, "could not store last_seen");
     }
     announce(st, false, Some(now)).await;
-    myself.stop(Some("empty".into()));
+    myself.stop(Some(StopReason::Empty.into()));
 }
 
 async fn announce(st: &SessionState, online: bool, last_seen: Option<String>) {

@@ -10,9 +10,8 @@ use utoipa_axum::routes;
 
 use super::{AdminUser, ApiResult, AppState, Error, ErrorBody, Json, Path};
 use crate::actors::room::RoomInfo;
-use crate::actors::session::{SessionInfo, SessionMsg};
-use crate::actors::{NodeInfo, CALL_TIMEOUT};
-use crate::broker::{Event, Route};
+use crate::actors::CALL_TIMEOUT;
+use crate::cluster::{NodeInfo, SessionInfo};
 use crate::domain::{RoomId, UserId};
 
 /// Admin routes.
@@ -42,7 +41,7 @@ struct Cluster {
     ))]
 async fn cluster(State(st): State<AppState>, _a: AdminUser) -> Json<Cluster> {
     let hub = &st.hub;
-    let mut nodes: Vec<NodeInfo> = hub.nodes.iter().map(|n| n.value().clone()).collect();
+    let mut nodes: Vec<NodeInfo> = hub.nodes.all();
     if !nodes.iter().any(|n| n.id == hub.node_id) {
         nodes.push(NodeInfo {
             id: hub.node_id.clone(),
@@ -83,11 +82,11 @@ fn describe(st: &AppState, cell: &ActorCell) -> ActorNode {
     let id = cell.get_id();
     let name = cell.get_name();
     let mut subject = None;
-    let kind = if let Some(e) = st.hub.sessions.iter().find(|e| e.value().get_id() == id) {
-        subject = Some(e.key().to_string());
+    let kind = if let Some(user) = st.hub.sessions.key_of(id) {
+        subject = Some(user.to_string());
         "session".to_owned()
-    } else if let Some(e) = st.hub.rooms.iter().find(|e| e.value().get_id() == id) {
-        subject = Some(e.key().to_string());
+    } else if let Some(room) = st.hub.rooms.key_of(id) {
+        subject = Some(room.to_string());
         "room".to_owned()
     } else {
         match name.as_deref().and_then(|n| n.split('@').next()) {
@@ -167,7 +166,7 @@ async fn stop_actor(
     }
     let cell = find(&root, &id).ok_or_else(|| Error::NotFound("no such actor".into()))?;
     tracing::warn!(actor = %id, "stopped by an operator");
-    cell.stop(Some("stopped by operator".into()));
+    cell.stop(Some(crate::actors::keyed_sup::StopReason::Operator.into()));
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -222,13 +221,7 @@ async fn disconnect(
     Path(user): Path<String>,
 ) -> ApiResult<StatusCode> {
     let user = UserId::parse(&user).map_err(|_| Error::NotFound("no such user".into()))?;
-    let local = st.hub.sessions.get(&user).map(|s| s.clone());
-    if let Some(s) = local {
-        let _ = s.cast(SessionMsg::Disconnect);
-    }
-    st.hub
-        .publish(Route::AllNodes, Event::Disconnect { user_id: user })
-        .await;
+    st.hub.disconnect_everywhere(&user).await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -251,8 +244,7 @@ async fn room(
     let actor = st
         .hub
         .rooms
-        .get(&room)
-        .map(|r| r.clone())
+        .actor(&room)
         .ok_or_else(|| Error::NotFound("no active actor for this room on this node".into()))?;
     match actor
         .call(crate::actors::room::RoomMsg::Inspect, Some(CALL_TIMEOUT))

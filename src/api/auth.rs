@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiResult, AppState, Error, ErrorBody, Json};
-use crate::auth::AuthUser;
+use crate::auth::{AuthUser, LoginLimiter};
 use crate::domain::{DisplayName, Email, Password, Username};
 use crate::store::{NewRefreshToken, NewUser, RotateOutcome, User};
 
@@ -71,6 +71,7 @@ async fn issue(st: &AppState, user: User, family: Option<String>) -> ApiResult<S
         (status = 400, description = "`invalid_request`, `invalid_username`, `invalid_email`, `invalid_password`, `invalid_display_name`", body = ErrorBody),
         (status = 409, description = "`username_taken` or `email_taken`", body = ErrorBody),
         (status = 413, description = "`payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`unavailable`: too many password hashes queued; retry", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 async fn register(
@@ -85,11 +86,7 @@ async fn register(
         Some(d) => Some(DisplayName::parse(d, limits)?.as_ref().to_owned()),
         None => None,
     };
-    let password_hash = st
-        .auth
-        .hash_password(&password)
-        .await
-        .map_err(|e| Error::Internal(e.to_string()))?;
+    let password_hash = st.auth.hash_password(&password).await?;
     let user = st
         .hub
         .stores
@@ -119,8 +116,9 @@ struct LoginBody {
         (status = 200, description = "logged in", body = Session),
         (status = 400, description = "`invalid_request`", body = ErrorBody),
         (status = 401, description = "`invalid_credentials`, alike for an unknown user and a wrong password", body = ErrorBody),
-        (status = 429, description = "`rate_limited`: too many failed attempts", body = ErrorBody,
+        (status = 429, description = "`rate_limited`: too many failed attempts for this account (its username and e-mail count together) or from this address", body = ErrorBody,
             headers(("Retry-After" = u64, description = "seconds to wait"))),
+        (status = 503, description = "`unavailable`: too many password checks queued; retry", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all)]
 async fn login(
@@ -129,21 +127,24 @@ async fn login(
     Json(b): Json<LoginBody>,
 ) -> ApiResult<Json<Session>> {
     let ip = Some(peer.ip());
-    if let Some(wait) = st.auth.limiter().check(&b.login, ip) {
+    // Count against the account the login names (its username and e-mail
+    // are one account), or against the text when it names none.
+    let found = st.hub.stores.users.credentials(&b.login).await?;
+    let account = LoginLimiter::account_key(found.as_ref().map(|(u, _)| &u.id), &b.login);
+    if let Some(wait) = st.auth.limiter().check(&account, ip) {
         return Err(Error::RateLimited(wait));
     }
-    let found = st.hub.stores.users.credentials(&b.login).await?;
     let ok = st
         .auth
         .verify_password(&b.password, found.as_ref().map(|(_, h)| h.as_str()))
-        .await;
+        .await?;
     match found {
         Some((user, _)) if ok => {
-            st.auth.limiter().succeeded(&b.login);
+            st.auth.limiter().succeeded(&account);
             Ok(Json(issue(&st, user, None).await?))
         }
         _ => {
-            st.auth.limiter().failed(&b.login, ip);
+            st.auth.limiter().failed(&account, ip);
             Err(Error::Unauthorized(
                 "invalid_credentials",
                 "unknown user or wrong password".into(),

@@ -22,8 +22,8 @@ pub struct ErrorDetail {
     /// A stable snake_case code: `invalid_request` (or a specific 400 code
     /// such as `invalid_username`, `body_too_long`), `unauthorized`,
     /// `invalid_credentials`, `forbidden`, `not_found`, `method_not_allowed`,
-    /// `username_taken`, `email_taken`, `conflict`, `payload_too_large`,
-    /// `rate_limited`, `unavailable`, `internal`.
+    /// `username_taken`, `email_taken`, `conflict`, `request_timeout`,
+    /// `payload_too_large`, `rate_limited`, `unavailable`, `internal`.
     #[schema(example = "not_found")]
     pub code: &'static str,
     /// Human readable; never a stack trace.
@@ -51,6 +51,9 @@ pub enum Error {
     /// 409 with `username_taken`, `email_taken`, `conflict`.
     #[error("{1}")]
     Conflict(&'static str, String),
+    /// 408 `request_timeout`: the request body stalled; the connection closes.
+    #[error("the request body did not arrive in time")]
+    RequestTimeout,
     /// 413 `payload_too_large`.
     #[error("request body is too large")]
     PayloadTooLarge,
@@ -92,6 +95,7 @@ impl Error {
             Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             Error::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             Error::Conflict(code, _) => (StatusCode::CONFLICT, code),
+            Error::RequestTimeout => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Error::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Error::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -121,10 +125,18 @@ impl IntoResponse for Error {
             }),
         )
             .into_response();
-        if let Error::RateLimited(secs) = self {
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
+        match self {
+            Error::RateLimited(secs) => {
+                if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+                    resp.headers_mut().insert(header::RETRY_AFTER, v);
+                }
             }
+            // The rest of a stalled body would be read as the next request.
+            Error::RequestTimeout => {
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
         }
         resp
     }
@@ -151,8 +163,23 @@ impl From<StoreError> for Error {
     }
 }
 
+/// Whether a body error (anywhere in its chain) is the body read timeout.
+pub fn is_body_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 impl From<JsonRejection> for Error {
     fn from(r: JsonRejection) -> Self {
+        if is_body_timeout(&r) {
+            return Error::RequestTimeout;
+        }
         match r {
             JsonRejection::BytesRejection(ref b) if b.status() == StatusCode::PAYLOAD_TOO_LARGE => {
                 Error::PayloadTooLarge
@@ -184,6 +211,18 @@ impl From<PathRejection> for Error {
 impl From<QueryRejection> for Error {
     fn from(r: QueryRejection) -> Self {
         Error::bad(format!("invalid query: {}", r.body_text()))
+    }
+}
+
+impl From<crate::auth::AuthError> for Error {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::InvalidToken => {
+                Error::Unauthorized("unauthorized", "invalid or expired access token".into())
+            }
+            crate::auth::AuthError::Busy => Error::Unavailable(e.to_string()),
+            crate::auth::AuthError::Hash(m) => Error::Internal(m),
+        }
     }
 }
 

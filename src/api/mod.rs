@@ -66,16 +66,30 @@ pub struct Path<T>(pub T);
 #[from_request(via(axum::extract::Query), rejection(Error))]
 pub struct Query<T>(pub T);
 
-/// The bearer token of a request: `Authorization: Bearer ...` or, for
-/// browsers opening a socket, `?access_token=...`.
+/// The token of `Authorization: Bearer <token>`: the only place an HTTP
+/// call may carry it.
+fn header_token(parts: &Parts) -> Option<String> {
+    let v = parts
+        .headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .then(|| token.trim().to_owned())
+}
+
+/// The token of a socket handshake (`GET /ws`, the Socket.IO handshake):
+/// the `Authorization` header or, for browsers that cannot set a header on
+/// a WebSocket, `?access_token=...`. Only the socket handshakes may use
+/// this: everywhere else a token in the URL is ignored (URLs end up in
+/// proxy logs and browser history), see [`AuthUser`]'s extractor.
 pub fn bearer(parts: &Parts) -> Option<String> {
-    if let Some(h) = parts.headers.get(axum::http::header::AUTHORIZATION) {
-        let v = h.to_str().ok()?;
-        let (scheme, token) = v.split_once(' ')?;
-        if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() {
-            return Some(token.trim().to_owned());
-        }
-        return None;
+    if parts
+        .headers
+        .contains_key(axum::http::header::AUTHORIZATION)
+    {
+        return header_token(parts);
     }
     parts.uri.query().and_then(|q| {
         q.split('&').find_map(|kv| {
@@ -85,6 +99,7 @@ pub fn bearer(parts: &Parts) -> Option<String> {
     })
 }
 
+/// An HTTP caller, by the `Authorization` header only.
 impl FromRequestParts<AppState> for AuthUser {
     type Rejection = Error;
 
@@ -92,7 +107,7 @@ impl FromRequestParts<AppState> for AuthUser {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let token = bearer(parts)
+        let token = header_token(parts)
             .ok_or_else(|| Error::Unauthorized("unauthorized", "missing bearer token".into()))?;
         state.auth.verify_access(&token).map_err(|_| {
             Error::Unauthorized("unauthorized", "invalid or expired access token".into())
@@ -111,7 +126,10 @@ impl FromRequestParts<AppState> for AdminUser {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let user = AuthUser::from_request_parts(parts, state).await?;
-        if !state.hub.is_admin(&user.username) {
+        // The role is read from the store on every admin call, so a grant
+        // or revoke takes effect at once on every node.
+        let stored = state.hub.stores.users.user(&user.id).await?;
+        if !stored.is_some_and(|u| u.admin) {
             return Err(Error::Forbidden("admin role required".into()));
         }
         Ok(AdminUser(user))

@@ -67,7 +67,40 @@ async fn member_room(st: &AppState, id: &str, user: &UserId) -> ApiResult<Room> 
     Ok(room)
 }
 
-/// Creates a room; a direct room between the same two users is returned again.
+/// Whether any of `users` blocks `caller`. A blocked user cannot put the
+/// blocker in a room; the refusal is the one for a user who does not
+/// exist, so the block is not revealed.
+async fn blocks_caller(st: &AppState, caller: &UserId, users: &[UserId]) -> ApiResult<bool> {
+    if users.is_empty() {
+        return Ok(false);
+    }
+    let blockers: HashSet<UserId> = st
+        .hub
+        .stores
+        .users
+        .blockers_of(caller)
+        .await?
+        .into_iter()
+        .collect();
+    Ok(users.iter().any(|u| blockers.contains(u)))
+}
+
+/// The direct room of `a` and `b`, if there is one.
+async fn existing_direct(st: &AppState, a: &UserId, b: &UserId) -> ApiResult<Option<Room>> {
+    Ok(st
+        .hub
+        .stores
+        .rooms
+        .rooms_for_user(a)
+        .await?
+        .into_iter()
+        .map(|s| s.room)
+        .find(|r| r.kind == RoomKind::Direct && r.member(b).is_some()))
+}
+
+/// Creates a room; a direct room between the same two users is returned
+/// again. A user who blocks the caller cannot be put in a room by them:
+/// the answer is the same 404 as for a user who does not exist.
 #[utoipa::path(post, path = "/rooms", tag = "rooms", security(("bearer" = [])),
     request_body = CreateBody,
     responses(
@@ -75,7 +108,7 @@ async fn member_room(st: &AppState, id: &str, user: &UserId) -> ApiResult<Room> 
         (status = 200, description = "the existing direct room of the two users", body = Room),
         (status = 400, description = "`invalid_request`, `invalid_peer`, `invalid_user_id`, `invalid_room_name`, `too_many_members`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
-        (status = 404, description = "`not_found`: the peer or a member does not exist", body = ErrorBody),
+        (status = 404, description = "`not_found`: the peer or a member does not exist (or blocks the caller)", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn create(
@@ -91,6 +124,14 @@ async fn create(
                     code: "invalid_peer",
                     message: "a direct room needs another user".into(),
                 });
+            }
+            if blocks_caller(&st, &user.id, std::slice::from_ref(&peer)).await? {
+                // The existing room is returned as before the block; a new
+                // one is refused as if the peer did not exist.
+                return match existing_direct(&st, &user.id, &peer).await? {
+                    Some(room) => Ok((StatusCode::OK, Json(room))),
+                    None => Err(Error::NotFound("no such user".into())),
+                };
             }
             let (room, created) = st
                 .hub
@@ -125,6 +166,9 @@ async fn create(
                     code: "too_many_members",
                     message: format!("a group has at most {} members", limits.group_max_members),
                 });
+            }
+            if blocks_caller(&st, &user.id, &ids).await? {
+                return Err(Error::NotFound("a member does not exist".into()));
             }
             let room = st
                 .hub
@@ -196,7 +240,7 @@ fn can_manage(room: &Room, user: &UserId) -> bool {
         (status = 400, description = "`not_a_group`, `invalid_user_id`, `too_many_members`", body = ErrorBody),
         (status = 401, description = "`unauthorized`", body = ErrorBody),
         (status = 403, description = "`forbidden`: not a member, or not owner/admin", body = ErrorBody),
-        (status = 404, description = "`not_found`: no such room or user", body = ErrorBody),
+        (status = 404, description = "`not_found`: no such room or user (or the user blocks the caller)", body = ErrorBody),
     ))]
 #[tracing::instrument(skip_all, fields(user = %user.id))]
 async fn add_member(
@@ -226,6 +270,9 @@ async fn add_member(
             code: "too_many_members",
             message: "the room is full".into(),
         });
+    }
+    if blocks_caller(&st, &user.id, std::slice::from_ref(&target)).await? {
+        return Err(Error::NotFound("no such user".into()));
     }
     st.hub
         .stores

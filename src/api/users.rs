@@ -18,7 +18,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         .routes(routes!(search))
         .routes(routes!(me))
         .routes(routes!(profile))
-        .routes(routes!(put_device))
+        .routes(routes!(put_device, list_devices))
         .routes(routes!(delete_device))
         .routes(routes!(put_settings, get_settings))
         .routes(routes!(list_blocks))
@@ -183,6 +183,43 @@ async fn put_device(
         .put_device(&user.id, &b.platform, token)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A registered push device.
+#[derive(Serialize, ToSchema)]
+struct DeviceView {
+    /// `android`, `ios` or `web`.
+    platform: String,
+    /// The FCM registration token.
+    token: String,
+    /// When it was registered.
+    #[schema(format = DateTime)]
+    created_at: String,
+}
+
+#[derive(Serialize, ToSchema)]
+struct Devices {
+    devices: Vec<DeviceView>,
+}
+
+/// The caller's registered push devices.
+#[utoipa::path(get, path = "/users/me/devices", tag = "users", security(("bearer" = [])),
+    responses(
+        (status = 200, description = "the caller's push devices", body = Devices),
+        (status = 401, description = "`unauthorized`", body = ErrorBody),
+    ))]
+async fn list_devices(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Devices>> {
+    let devices = st.hub.stores.users.devices(&user.id).await?;
+    Ok(Json(Devices {
+        devices: devices
+            .into_iter()
+            .map(|d| DeviceView {
+                platform: d.platform,
+                token: d.token,
+                created_at: d.created_at,
+            })
+            .collect(),
+    }))
 }
 
 /// Removes one of the caller's push tokens.

@@ -12,9 +12,16 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-/// chatd — a real-time chat backend.
+/// chatd — a real-time chat backend; without a subcommand it starts the server.
+///
+/// Without a subcommand, chatd starts the server: it listens on
+/// `http.listen` (default 127.0.0.1:8080) until Ctrl-C or SIGTERM.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    after_help = "Run without a subcommand to start the server. Configuration: config.toml defaults, \
+                  then --config FILE, then CHAT__SECTION__KEY environment variables (docs/config.md)."
+)]
 struct Cli {
     /// Extra config file layered over the defaults (env vars CHAT__SECTION__KEY win).
     #[arg(long, global = true)]
@@ -27,12 +34,39 @@ struct Cli {
 enum Command {
     /// Write the whole configured store as JSON lines (to FILE, or stdout).
     Export {
-        #[arg(long, short)]
+        /// File to write the export to (default: stdout).
+        #[arg(long, short, value_name = "FILE")]
         output: Option<PathBuf>,
     },
     /// Load a JSON-lines export (from FILE, or stdin) into the configured
     /// store, which must be empty.
-    Import { input: Option<PathBuf> },
+    Import {
+        /// Export file to read (default: stdin).
+        #[arg(value_name = "INPUT")]
+        input: Option<PathBuf>,
+    },
+    /// The admin role of existing accounts, in the configured store (takes
+    /// effect at once on running nodes).
+    Admin {
+        #[command(subcommand)]
+        action: AdminAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminAction {
+    /// Give USERNAME the admin role.
+    Grant {
+        /// An existing account's username.
+        username: String,
+    },
+    /// Take the admin role from USERNAME.
+    Revoke {
+        /// An existing account's username.
+        username: String,
+    },
+    /// List the accounts with the admin role.
+    List,
 }
 
 #[tokio::main]
@@ -40,8 +74,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let cli = Cli::parse();
     let settings = chatd::Settings::load(cli.config.as_deref())?;
-    if let Some(cmd) = cli.command {
-        return transfer(cmd, &settings).await;
+    match cli.command {
+        Some(Command::Admin { action }) => return admin(action, &settings).await,
+        Some(cmd) => return transfer(cmd, &settings).await,
+        None => {}
     }
     chatd::telemetry::init_logs(settings.log.format == "json");
     // Everything runs on the runtime's workers; the main thread only waits.
@@ -62,6 +98,7 @@ async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let store = &settings.store;
     let counts = match cmd {
@@ -79,8 +116,30 @@ async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()
         Command::Import { input: None } => {
             transfer::import(store, BufReader::new(std::io::stdin()), None, true).await?
         }
+        Command::Admin { .. } => unreachable!("handled in main"),
     };
     eprintln!("{counts} (the {} store)", store.kind);
+    Ok(())
+}
+
+async fn admin(action: AdminAction, settings: &chatd::Settings) -> anyhow::Result<()> {
+    let stores = chatd::store::open(&settings.store).await?;
+    let users = &*stores.users;
+    let (name, grant) = match action {
+        AdminAction::List => {
+            for u in users.admins().await? {
+                println!("{}", u.username.as_ref());
+            }
+            return Ok(());
+        }
+        AdminAction::Grant { username } => (username, true),
+        AdminAction::Revoke { username } => (username, false),
+    };
+    match chatd::roles::set(users, &name, grant).await? {
+        Some(u) if grant => println!("{} is an admin", u.username.as_ref()),
+        Some(u) => println!("{} is not an admin", u.username.as_ref()),
+        None => anyhow::bail!("no account named {name:?}"),
+    }
     Ok(())
 }
 

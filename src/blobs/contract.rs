@@ -258,6 +258,17 @@ pub async fn attach_to_message_is_all_or_nothing(s: &dyn BlobStore) {
         .await
         .unwrap_err();
     assert!(matches!(err, BlobError::Invalid { .. }), "{err:?}");
+    assert!(matches!(
+        parse_ids(&["../x".into()]),
+        Err(BlobError::Invalid {
+            code: "invalid_request",
+            ..
+        })
+    ));
+    assert_eq!(
+        parse_ids(&[mine_id.to_string()]).unwrap(),
+        vec![mine_id.clone()]
+    );
     let err = attach_to_message(s, &[AttachmentId::generate()], &r, &msg, &u)
         .await
         .unwrap_err();

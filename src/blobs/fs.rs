@@ -141,6 +141,15 @@ impl FsBlobStore {
     }
 }
 
+/// Removes a file when dropped (nothing happens once it was renamed away).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[async_trait]
 impl BlobStore for FsBlobStore {
     fn backend(&self) -> &'static str {
@@ -154,6 +163,9 @@ impl BlobStore for FsBlobStore {
         max_bytes: u64,
     ) -> Result<BlobMeta, BlobError> {
         let part = self.root.join("tmp").join(format!("{}.part", new.id));
+        // A dropped upload (the client went away and the request future with
+        // it) must not leave its part behind.
+        let _cleanup = RemoveOnDrop(part.clone());
         let received = Self::receive(&part, body, max_bytes).await;
         let (size, sha256) = match received {
             Ok(r) => r,

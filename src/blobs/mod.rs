@@ -296,6 +296,18 @@ impl Meter {
     }
 }
 
+/// Parses the `attachments: [ids]` of a send: a malformed id is
+/// `invalid_request` (an unknown well-formed one is `NotFound` later).
+pub fn parse_ids(raw: &[String]) -> Result<Vec<AttachmentId>, BlobError> {
+    raw.iter()
+        .map(|s| {
+            AttachmentId::parse(s).map_err(|_| {
+                BlobError::invalid("invalid_request", format!("malformed attachment id {s:?}"))
+            })
+        })
+        .collect()
+}
+
 /// The metadata of each id if every one may go with a message `uploader`
 /// sends to `room`: uploaded by `uploader` to `room`, and not bound to
 /// another message. Checks only; binds nothing.

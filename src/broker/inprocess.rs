@@ -66,7 +66,7 @@ impl Broker for InProcess {
         !self.node_tx.is_closed()
     }
 
-    fn kind(&self) -> &'static str {
-        "inprocess"
+    fn backend(&self) -> BrokerKind {
+        BrokerKind::InProcess
     }
 }

@@ -112,7 +112,7 @@ pub enum Event {
     SessionReport {
         request_id: String,
         node: String,
-        sessions: Vec<crate::actors::session::SessionInfo>,
+        sessions: Vec<crate::cluster::wire::SessionInfo>,
     },
     /// Close every socket of a user.
     Disconnect { user_id: UserId },
@@ -149,6 +149,8 @@ pub struct NotifyJob {
     pub recipients: Vec<UserId>,
     pub created_at: String,
 }
+
+pub use crate::config::BrokerKind;
 
 /// Broker failures.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -234,8 +236,12 @@ pub trait Broker: Send + Sync {
     async fn consume(&self, queue: Queue) -> Result<mpsc::Receiver<Delivery>, BrokerError>;
     /// Connected and able to publish.
     fn is_ready(&self) -> bool;
-    /// Backend name.
-    fn kind(&self) -> &'static str;
+    /// Which backend this is.
+    fn backend(&self) -> BrokerKind;
+    /// Backend name (for logs and `/healthz`).
+    fn kind(&self) -> &'static str {
+        self.backend().as_str()
+    }
     /// Counts the backend's (re)connections: a change means the node may
     /// have missed events meanwhile. Constant for backends that never drop.
     fn epoch(&self) -> u64 {
@@ -250,13 +256,10 @@ pub async fn open(
     cfg: &crate::config::BrokerConfig,
     node_id: &str,
 ) -> Result<Arc<dyn Broker>, BrokerError> {
-    match cfg.kind.as_str() {
-        "inprocess" | "in-process" | "memory" => Ok(Arc::new(inprocess::InProcess::new(node_id))),
-        "rabbitmq" | "amqp" => Ok(Arc::new(
+    match cfg.kind {
+        BrokerKind::InProcess => Ok(Arc::new(inprocess::InProcess::new(node_id))),
+        BrokerKind::RabbitMq => Ok(Arc::new(
             rabbitmq::RabbitMq::open(&cfg.rabbitmq, node_id).await?,
         )),
-        other => Err(BrokerError::Other(format!(
-            "unknown broker kind {other:?} (expected \"inprocess\" or \"rabbitmq\")"
-        ))),
     }
 }

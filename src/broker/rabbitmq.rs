@@ -378,8 +378,8 @@ impl Broker for RabbitMq {
         self.inner.ready.load(Ordering::Acquire)
     }
 
-    fn kind(&self) -> &'static str {
-        "rabbitmq"
+    fn backend(&self) -> BrokerKind {
+        BrokerKind::RabbitMq
     }
 
     fn epoch(&self) -> u64 {

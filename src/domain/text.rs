@@ -1,6 +1,8 @@
 //! Text newtypes with the contract's limits.
 
 use serde::{Deserialize, Serialize};
+use unicode_normalization::UnicodeNormalization;
+use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
 
 use super::ParseError;
 
@@ -166,8 +168,46 @@ impl std::fmt::Debug for Password {
     }
 }
 
+/// Joiners that emoji sequences (👩‍💻) and some scripts (Persian, Indic)
+/// need: the only format characters a name may hold.
+const JOINERS: [char; 2] = ['\u{200C}', '\u{200D}'];
+
+/// Letters and symbols that render as nothing (the Hangul fillers, which
+/// Unicode marks default-ignorable, and the blank Braille pattern): they do
+/// not make a name visible.
+const BLANK_GRAPHICS: [char; 5] = ['\u{115F}', '\u{1160}', '\u{3164}', '\u{FFA0}', '\u{2800}'];
+
+/// Refused in names: controls (Cc), format characters (Cf: bidi overrides
+/// and isolates, zero-width spaces, BOM...) but the joiners, and the line
+/// and paragraph separators.
+fn forbidden_in_name(c: char) -> bool {
+    match c.general_category() {
+        GeneralCategory::Control
+        | GeneralCategory::LineSeparator
+        | GeneralCategory::ParagraphSeparator
+        | GeneralCategory::Surrogate => true,
+        GeneralCategory::Format => !JOINERS.contains(&c),
+        _ => false,
+    }
+}
+
+/// Whether `c` shows something: a letter, number, punctuation or symbol
+/// that is not blank. Spaces, marks on their own and joiners do not.
+fn visible(c: char) -> bool {
+    matches!(
+        c.general_category_group(),
+        GeneralCategoryGroup::Letter
+            | GeneralCategoryGroup::Number
+            | GeneralCategoryGroup::Punctuation
+            | GeneralCategoryGroup::Symbol
+    ) && !BLANK_GRAPHICS.contains(&c)
+}
+
+/// A name shown to other users: NFC, trimmed, 1..=`max` characters, no
+/// control, format (bidi) or separator characters, and something visible.
 fn bounded_name(s: &str, max: usize, code: &'static str, what: &str) -> Result<String, ParseError> {
-    let t = s.trim();
+    let nfc: String = s.nfc().collect();
+    let t = nfc.trim();
     let n = t.chars().count();
     if n == 0 || n > max {
         return Err(ParseError::new(
@@ -175,16 +215,23 @@ fn bounded_name(s: &str, max: usize, code: &'static str, what: &str) -> Result<S
             format!("{what} must be 1–{max} characters"),
         ));
     }
-    if t.chars().any(|c| c.is_control()) {
+    if t.chars().any(forbidden_in_name) {
         return Err(ParseError::new(
             code,
-            format!("{what} may not contain control characters"),
+            format!("{what} may not contain control, format or bidirectional-override characters"),
+        ));
+    }
+    if !t.chars().any(visible) {
+        return Err(ParseError::new(
+            code,
+            format!("{what} must contain a visible character"),
         ));
     }
     Ok(t.to_owned())
 }
 
-/// A display name: trimmed, 1..=`name_max` characters, no control characters.
+/// A display name: NFC, trimmed, 1..=`name_max` characters, no control,
+/// format or bidi-override characters, not invisible.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct DisplayName(String);
@@ -207,7 +254,7 @@ impl AsRef<str> for DisplayName {
     }
 }
 
-/// A group room's name: trimmed, 1..=`name_max` characters.
+/// A group room's name: the same rules as a display name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct RoomName(String);
@@ -356,6 +403,49 @@ mod tests {
         assert!(ClientMsgId::parse(&"x".repeat(64), &l()).is_ok());
         assert!(ClientMsgId::parse(&"x".repeat(65), &l()).is_err());
         assert!(ClientMsgId::parse("a\nb", &l()).is_err());
+    }
+
+    #[test]
+    fn names_refuse_controls_bidi_and_invisible_text() {
+        for bad in [
+            "admin\u{202E}gnp.exe",
+            "a\u{2066}b\u{2069}",
+            "\u{200E}x",
+            "\u{200B}",
+            "\u{FEFF}",
+            " \u{200B}\u{200D} ",
+            "\u{3164}",
+            "\u{0301}",
+            "x\u{0007}",
+            "a\u{2028}b",
+            "x\u{00AD}y",
+        ] {
+            let e = DisplayName::parse(bad, &l()).unwrap_err();
+            assert_eq!(e.code, "invalid_display_name", "{bad:?}");
+            assert_eq!(
+                RoomName::parse(bad, &l()).unwrap_err().code,
+                "invalid_room_name"
+            );
+        }
+        for good in [
+            "Zoë",
+            "👩\u{200D}💻 dev",
+            "می\u{200C}خواهم",
+            "李小龍",
+            "O'Brien",
+            "-_-",
+        ] {
+            assert!(DisplayName::parse(good, &l()).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn names_are_nfc() {
+        let n = DisplayName::parse("Jose\u{0301}", &l()).unwrap();
+        assert_eq!(n.as_ref(), "Jos\u{00E9}");
+        // The limit counts characters after normalisation.
+        let decomposed = "e\u{0301}".repeat(64);
+        assert!(DisplayName::parse(&decomposed, &l()).is_ok());
     }
 
     #[test]

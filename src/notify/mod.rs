@@ -24,14 +24,49 @@ pub mod pool;
 pub mod smtp;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rand::Rng;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::NotifyConfig;
+use crate::broker::Broker;
+use crate::cluster::Presence;
+use crate::config::{NotifyConfig, Settings};
+use crate::store::Stores;
 
 pub use pool::{start, start_with};
+
+/// What the pool needs of its node: narrow, no actor. The node builds it
+/// (`From<Arc<Hub>>` in `actors`).
+#[derive(Clone)]
+pub struct Services {
+    pub node_id: String,
+    pub settings: Arc<Settings>,
+    pub stores: Stores,
+    /// Publishes retries on the notify queue, which the pool consumes.
+    pub broker: Arc<dyn Broker>,
+    /// Who has a socket somewhere in the cluster.
+    pub presence: Arc<dyn Presence>,
+    /// Cancelled when the node shuts down.
+    pub shutdown: CancellationToken,
+    /// The supervisor the pool's factory is linked under (the node's root
+    /// supervisor, so the pool shows in the admin tree); `None`: unlinked.
+    pub supervisor: Option<ractor::ActorCell>,
+}
+
+/// What every worker (and the policy) needs, handed to a worker as its
+/// `Arguments`.
+pub struct Context {
+    /// Store, presence, broker, node id, shutdown.
+    pub node: Services,
+    pub cfg: NotifyConfig,
+    /// `None`: no FCM configured.
+    pub push: Option<Arc<dyn PushSender>>,
+    /// `None`: no SMTP configured.
+    pub mail: Option<Arc<dyn MailSender>>,
+}
 
 /// A way to reach a user outside a socket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

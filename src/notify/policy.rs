@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use super::pool::Context;
+use super::Context;
 use super::{Mail, Push};
 use crate::broker::NotifyJob;
 use crate::domain::{RoomId, Seq, UserId};
@@ -71,7 +71,7 @@ pub fn display_name(u: &User) -> String {
 
 /// Decides how to reach `user` about `job`.
 pub async fn decide(ctx: &Context, job: &NotifyJob, user: &UserId) -> Result<Decision, StoreError> {
-    let stores = &ctx.hub.stores;
+    let stores = &ctx.node.stores;
     if user == &job.sender_id {
         return Ok(Decision::Skip("self"));
     }
@@ -98,7 +98,7 @@ pub async fn decide(ctx: &Context, job: &NotifyJob, user: &UserId) -> Result<Dec
     let settings = stores.users.notification_settings(user).await?;
     if settings.push && ctx.push.is_some() {
         let devices = stores.users.devices(user).await?;
-        let connected = ctx.hub.sessions.contains_key(user) || ctx.hub.directory.is_online(user);
+        let connected = ctx.node.presence.is_online(user);
         let window = Duration::from_secs(ctx.cfg.online_window_secs);
         if !devices.is_empty()
             && counts_as_online(connected, account.last_seen.as_deref(), Utc::now(), window)
@@ -142,7 +142,7 @@ pub async fn message_at(
 
 /// The push for `job`, or `None` when the message is gone.
 pub async fn push_for(ctx: &Context, job: &NotifyJob) -> Result<Option<Push>, StoreError> {
-    let stores = &ctx.hub.stores;
+    let stores = &ctx.node.stores;
     let Some(msg) = message_at(stores, &job.room_id, job.seq).await? else {
         return Ok(None);
     };
@@ -223,7 +223,7 @@ pub async fn digest(
     user: &UserId,
     pending: &[Pending],
 ) -> Result<DigestPlan, StoreError> {
-    let stores = &ctx.hub.stores;
+    let stores = &ctx.node.stores;
     let Some(account) = stores.users.user(user).await? else {
         return Ok(DigestPlan::Nothing("no_user"));
     };

@@ -32,29 +32,16 @@ use super::fcm::Fcm;
 use super::policy::{self, Decision, DigestPlan, Pending};
 use super::smtp::Smtp;
 use super::{
-    count_dropped, count_failed, count_sent, Channel, MailSender, NotifyError, PushSender,
-    RetryPolicy, StartError,
+    count_dropped, count_failed, count_sent, Channel, Context, MailSender, NotifyError, PushSender,
+    RetryPolicy, Services, StartError,
 };
-use crate::actors::Hub;
 use crate::broker::{Delivery, Envelope, Event, NotifyJob, Queue, Route};
-use crate::config::NotifyConfig;
 use crate::domain::{MessageId, UserId};
 use crate::store::{Device, StoreError};
 
 /// Times one recipient of one message may take a worker down with it
 /// before it is given up (reason `worker_crash`).
 pub const MAX_CRASHES: u32 = 3;
-
-/// What every worker needs, handed to it as its `Arguments`.
-pub struct Context {
-    /// Store, presence (sessions, directory), broker, node id.
-    pub hub: Arc<Hub>,
-    pub cfg: NotifyConfig,
-    /// `None`: no FCM configured.
-    pub push: Option<Arc<dyn PushSender>>,
-    /// `None`: no SMTP configured.
-    pub mail: Option<Arc<dyn MailSender>>,
-}
 
 /// How a worker settled one recipient of one job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,10 +73,11 @@ type NotifyFactory = Factory<
 >;
 
 /// Starts the pool with the FCM and SMTP senders `[notify]` configures.
-pub async fn start(hub: Arc<Hub>) -> Result<JoinHandle<()>, StartError> {
+pub async fn start(node: impl Into<Services>) -> Result<JoinHandle<()>, StartError> {
+    let node: Services = node.into();
     // reqwest and lettre use rustls; chatd's main installs this too.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let cfg = &hub.settings.notify;
+    let cfg = &node.settings.notify;
     let retry = RetryPolicy::from_config(cfg);
     let push = Fcm::from_config(&cfg.fcm, retry.clone())
         .map_err(StartError::Config)?
@@ -100,24 +88,25 @@ pub async fn start(hub: Arc<Hub>) -> Result<JoinHandle<()>, StartError> {
     if push.is_none() && mail.is_none() {
         tracing::info!("neither FCM nor SMTP configured: notifications are dropped (no_channel)");
     }
-    start_with(hub, push, mail).await
+    start_with(node, push, mail).await
 }
 
 /// Starts the pool with the given senders: spawns the factory, then
 /// consumes the notify queue. The task ends when the node shuts down.
 pub async fn start_with(
-    hub: Arc<Hub>,
+    node: impl Into<Services>,
     push: Option<Arc<dyn PushSender>>,
     mail: Option<Arc<dyn MailSender>>,
 ) -> Result<JoinHandle<()>, StartError> {
+    let node: Services = node.into();
     let ctx = Arc::new(Context {
-        cfg: hub.settings.notify.clone(),
-        hub,
+        cfg: node.settings.notify.clone(),
+        node,
         push,
         mail,
     });
     let pool = Pool::spawn(ctx.clone()).await?;
-    let rx = match ctx.hub.broker.consume(Queue::Notify).await {
+    let rx = match ctx.node.broker.consume(Queue::Notify).await {
         Ok(rx) => rx,
         Err(e) => {
             pool.factory.stop(None);
@@ -152,9 +141,16 @@ impl Pool {
             .router(Default::default())
             .num_initial_workers(ctx.cfg.workers.max(1))
             .build();
-        let (factory, handle) = Actor::spawn(None, NotifyFactory::default(), args)
-            .await
-            .map_err(|e| StartError::Actor(e.to_string()))?;
+        // Under the node's root supervisor (visible in the admin tree); the
+        // root does not restart it: `dispatch` starts a new one if it died.
+        let name = Some(format!("notifier@{}", ctx.node.node_id));
+        let spawned = match &ctx.node.supervisor {
+            Some(sup) => {
+                Actor::spawn_linked(name, NotifyFactory::default(), args, sup.clone()).await
+            }
+            None => Actor::spawn(name, NotifyFactory::default(), args).await,
+        };
+        let (factory, handle) = spawned.map_err(|e| StartError::Actor(e.to_string()))?;
         Ok(Self {
             ctx,
             factory,
@@ -187,7 +183,7 @@ type Crashes = Arc<Mutex<HashMap<(MessageId, UserId), u32>>>;
 async fn feed(ctx: Arc<Context>, mut pool: Pool, mut rx: mpsc::Receiver<Delivery>) {
     let permits = Arc::new(Semaphore::new(ctx.cfg.max_in_flight.max(1)));
     let crashes: Crashes = Arc::default();
-    let shutdown = ctx.hub.shutdown.clone();
+    let shutdown = ctx.node.shutdown.clone();
     loop {
         let d = tokio::select! {
             biased;
@@ -267,7 +263,7 @@ async fn settle(
                     .remove(&key);
             }
             Ok(Outcome::Retry) => again.push(user),
-            Err(_) if ctx.hub.shutdown.is_cancelled() => again.push(user),
+            Err(_) if ctx.node.shutdown.is_cancelled() => again.push(user),
             Err(_) => {
                 let mut c = crashes.lock().unwrap_or_else(|e| e.into_inner());
                 let n = c.entry(key.clone()).or_insert(0);
@@ -291,8 +287,8 @@ async fn settle(
     }
     let delay = Duration::from_secs(ctx.cfg.requeue_delay_secs);
     tokio::select! {
-        _ = tokio::time::sleep(delay), if !ctx.hub.shutdown.is_cancelled() => {}
-        _ = ctx.hub.shutdown.cancelled() => {
+        _ = tokio::time::sleep(delay), if !ctx.node.shutdown.is_cancelled() => {}
+        _ = ctx.node.shutdown.cancelled() => {
             // A broker that keeps unacked messages hands it to another node.
             d.nack(true).await;
             return;
@@ -303,8 +299,8 @@ async fn settle(
         recipients: again,
         ..(*job).clone()
     };
-    let env = Envelope::new(&ctx.hub.node_id, Event::Notify(retry));
-    match ctx.hub.broker.publish(Route::Notify, env).await {
+    let env = Envelope::new(&ctx.node.node_id, Event::Notify(retry));
+    match ctx.node.broker.publish(Route::Notify, env).await {
         Ok(()) => d.ack().await,
         Err(e) => {
             tracing::warn!(error = %e, "cannot requeue a notification; leaving it to the broker");
@@ -378,7 +374,7 @@ async fn notify(
             Ok(Pushed::Retry) => Step::Done(Outcome::Retry),
             Ok(Pushed::MessageGone) => Step::Then(Decision::Skip("message_gone")),
             // Push failed for good (or every token was stale): e-mail.
-            Ok(Pushed::FallBack) => match ctx.hub.stores.users.notification_settings(user).await {
+            Ok(Pushed::FallBack) => match ctx.node.stores.users.notification_settings(user).await {
                 Ok(s) => Step::Then(policy::email_or_skip(&ctx, s.email)),
                 Err(e) => {
                     tracing::warn!(error = %e, user = %user, "push fallback: store failed; retrying later");
@@ -453,7 +449,7 @@ async fn push(
             Err(NotifyError::InvalidToken) => {
                 count_failed(Channel::Push);
                 tracing::info!(user = %user, platform = %d.platform, "FCM token unregistered; device removed");
-                ctx.hub.stores.users.delete_device(user, &d.token).await?;
+                ctx.node.stores.users.delete_device(user, &d.token).await?;
             }
             Err(NotifyError::Temporary(e)) => {
                 count_failed(Channel::Push);

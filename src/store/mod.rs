@@ -61,6 +61,10 @@ pub struct User {
     pub created_at: String,
     #[serde(skip)]
     pub last_seen: Option<String>,
+    /// Holds the admin role (`/admin/v1`): granted and revoked by the
+    /// operator (`chatd admin grant|revoke`), never by registering.
+    #[serde(skip)]
+    pub admin: bool,
 }
 
 /// Input of [`UserStore::create_user`].
@@ -133,6 +137,11 @@ pub trait UserStore: Send + Sync {
     async fn blockers_of(&self, user: &UserId) -> Result<Vec<UserId>, StoreError>;
     /// The (blocker, blocked) pairs where both are in `users`.
     async fn blocks_among(&self, users: &[UserId]) -> Result<Vec<(UserId, UserId)>, StoreError>;
+    /// Grants (`true`) or revokes the admin role of the user with this
+    /// username; `None` if there is no such user.
+    async fn set_admin(&self, username: &str, admin: bool) -> Result<Option<User>, StoreError>;
+    /// Every user holding the admin role, by username.
+    async fn admins(&self) -> Result<Vec<User>, StoreError>;
 }
 
 /// Input of a refresh token row: only the hash of the token is stored.
@@ -504,17 +513,14 @@ impl Stores {
 
 /// Opens the configured backend.
 pub async fn open(cfg: &StoreConfig) -> Result<Stores, StoreError> {
-    match cfg.kind.as_str() {
-        "sqlite" => {
+    match cfg.kind {
+        crate::config::StoreKind::Sqlite => {
             let s = sqlite::SqliteStore::open(&cfg.sqlite).await?;
             Ok(Stores::from_backend(Arc::new(s)))
         }
-        "mongodb" => {
+        crate::config::StoreKind::Mongodb => {
             let s = mongo::MongoStore::open(&cfg.mongodb).await?;
             Ok(Stores::from_backend(Arc::new(s)))
         }
-        other => Err(StoreError::Internal(format!(
-            "unknown store kind {other:?} (expected \"sqlite\" or \"mongodb\")"
-        ))),
     }
 }

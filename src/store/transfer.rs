@@ -21,15 +21,13 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use futures_util::TryStreamExt;
-use mongodb::bson::{doc, Document};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use super::mongo::{self, MongoStore};
+use super::mongo::MongoStore;
 use super::sqlite::SqliteStore;
 use super::{Role, RoomKind, StoreError};
-use crate::config::StoreConfig;
+use crate::config::{StoreConfig, StoreKind};
 use crate::domain::{
     now_rfc3339, ClientMsgId, Email, MessageBody, MessageId, RoomId, UserId, Username,
 };
@@ -38,9 +36,6 @@ use crate::domain::{
 pub const FORMAT: &str = "chatd-export";
 /// The version of the line format this build writes and reads.
 pub const VERSION: u32 = 1;
-
-/// Records per MongoDB `insertMany`.
-const MONGO_BATCH: usize = 1000;
 
 /// Why an export or import failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,10 +54,6 @@ pub enum TransferError {
     Missing(String),
     #[error("store kind {0:?} cannot be exported or imported (expected sqlite or mongodb)")]
     Kind(String),
-}
-
-fn mongo_err(e: mongodb::error::Error) -> TransferError {
-    TransferError::Store(mongo::store_err(e))
 }
 
 /// How many records of each kind.
@@ -152,6 +143,9 @@ pub struct UserRec {
     pub last_seen: Option<String>,
     pub notify_push: bool,
     pub notify_email: bool,
+    /// The admin role (absent in exports made before roles existed).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 /// A room with its seq counter.
@@ -234,7 +228,6 @@ pub enum Record {
     End(End),
 }
 
-type Tx = RecordTx;
 /// Records sent to a backend's [`Dump`] channel.
 pub type RecordTx = tokio::sync::mpsc::Sender<Result<Record, TransferError>>;
 /// Import records with the line they came from.
@@ -370,16 +363,15 @@ where
 
 /// The configured backend's [`Dump`] and its name for the header.
 async fn dumper(cfg: &StoreConfig) -> Result<(&'static str, Box<dyn Dump>), TransferError> {
-    match cfg.kind.as_str() {
-        "sqlite" => {
+    match cfg.kind {
+        StoreKind::Sqlite => {
             if !Path::new(&cfg.sqlite.path).exists() {
                 return Err(TransferError::Missing(cfg.sqlite.path.clone()));
             }
             // Opening checks the schema version (migrating an older one).
             Ok(("sqlite", Box::new(SqliteStore::open(&cfg.sqlite).await?)))
         }
-        "mongodb" => Ok(("mongodb", Box::new(MongoGlue(cfg.clone())))),
-        other => Err(TransferError::Kind(other.to_owned())),
+        StoreKind::Mongodb => Ok(("mongodb", Box::new(MongoStore::open(&cfg.mongodb).await?))),
     }
 }
 
@@ -436,143 +428,6 @@ pub(crate) fn header(source: &str, totals: Counts) -> Record {
     })
 }
 
-async fn mongo_source(cfg: &StoreConfig, tx: Tx) -> Result<(), TransferError> {
-    // Opening checks meta (backend, schema version).
-    let store = MongoStore::open(&cfg.mongodb).await?;
-    let db = store.database().clone();
-    let count = |name: &'static str| {
-        let db = db.clone();
-        async move {
-            db.collection::<Document>(name)
-                .count_documents(doc! {})
-                .await
-                .map_err(mongo_err)
-        }
-    };
-    let totals = Counts {
-        users: count(mongo::USERS).await?,
-        rooms: count(mongo::ROOMS).await?,
-        members: count(mongo::MEMBERS).await?,
-        messages: count(mongo::MESSAGES).await?,
-        blocks: count(mongo::BLOCKS).await?,
-        devices: count(mongo::DEVICES).await?,
-        refresh_tokens: count(mongo::REFRESH_TOKENS).await?,
-    };
-    let send = |r: Record| {
-        let tx = tx.clone();
-        async move { tx.send(Ok(r)).await.map_err(|_| closed()) }
-    };
-    send(header("mongodb", totals)).await?;
-    let mut counts = Counts::default();
-
-    macro_rules! each {
-        ($coll:expr, $ty:ty, $sort:expr, |$d:ident| $rec:expr) => {{
-            let mut cur = db
-                .collection::<$ty>($coll)
-                .find(doc! {})
-                .sort($sort)
-                .await
-                .map_err(mongo_err)?;
-            while let Some($d) = cur.try_next().await.map_err(mongo_err)? {
-                let r = $rec;
-                counts.count(&r);
-                send(r).await?;
-            }
-        }};
-    }
-    each!(mongo::USERS, mongo::UserDoc, doc! { "_id": 1 }, |d| {
-        Record::User(UserRec {
-            id: d.id,
-            username: d.username,
-            email: d.email,
-            display_name: d.display_name,
-            password_hash: d.password_hash,
-            created_at: d.created_at,
-            last_seen: d.last_seen,
-            notify_push: d.notify_push,
-            notify_email: d.notify_email,
-        })
-    });
-    each!(mongo::ROOMS, mongo::RoomDoc, doc! { "_id": 1 }, |d| {
-        Record::Room(RoomRec {
-            id: d.id,
-            kind: d.kind,
-            name: d.name,
-            direct_key: d.direct_key,
-            created_at: d.created_at,
-            last_seq: d.last_seq,
-        })
-    });
-    each!(
-        mongo::MEMBERS,
-        mongo::MemberDoc,
-        doc! { "room_id": 1, "user_id": 1 },
-        |d| {
-            Record::Member(MemberRec {
-                room_id: d.room_id,
-                user_id: d.user_id,
-                role: d.role,
-                delivered_seq: d.delivered_seq,
-                read_seq: d.read_seq,
-                joined_at: d.joined_at,
-            })
-        }
-    );
-    each!(
-        mongo::MESSAGES,
-        mongo::MessageDoc,
-        doc! { "room_id": 1, "seq": 1 },
-        |d| {
-            Record::Message(MessageRec {
-                id: d.id,
-                room_id: d.room_id,
-                seq: d.seq,
-                sender_id: d.sender_id,
-                client_msg_id: d.client_msg_id,
-                body: d.body,
-                created_at: d.created_at,
-                x: d.x,
-            })
-        }
-    );
-    each!(
-        mongo::BLOCKS,
-        mongo::BlockDoc,
-        doc! { "blocker_id": 1, "blocked_id": 1 },
-        |d| {
-            Record::Block(BlockRec {
-                blocker_id: d.blocker_id,
-                blocked_id: d.blocked_id,
-                created_at: d.created_at,
-            })
-        }
-    );
-    each!(mongo::DEVICES, mongo::DeviceDoc, doc! { "_id": 1 }, |d| {
-        Record::Device(DeviceRec {
-            token: d.token,
-            user_id: d.user_id,
-            platform: d.platform,
-            created_at: d.created_at,
-        })
-    });
-    each!(
-        mongo::REFRESH_TOKENS,
-        mongo::RefreshDoc,
-        doc! { "_id": 1 },
-        |d| {
-            Record::RefreshToken(RefreshRec {
-                hash: d.hash,
-                user_id: d.user_id,
-                family_id: d.family_id,
-                expires_at: d.expires_at,
-                used: d.used,
-            })
-        }
-    );
-    send(Record::End(End { counts })).await?;
-    Ok(())
-}
-
 // ---- import --------------------------------------------------------------
 
 /// Loads a JSON-lines export from `input` into the configured store, which
@@ -590,11 +445,10 @@ where
     let reader = tokio::task::spawn_blocking(move || read_lines(input, tx, size, progress));
     let (body_tx, body_rx) = mpsc::channel(1024);
     let load = async {
-        match cfg.kind.as_str() {
+        match cfg.kind {
             // Opening creates the file and schema (or checks an existing one).
-            "sqlite" => SqliteStore::open(&cfg.sqlite).await?.load(body_rx).await,
-            "mongodb" => MongoGlue(cfg.clone()).load(body_rx).await,
-            other => Err(TransferError::Kind(other.to_owned())),
+            StoreKind::Sqlite => SqliteStore::open(&cfg.sqlite).await?.load(body_rx).await,
+            StoreKind::Mongodb => MongoStore::open(&cfg.mongodb).await?.load(body_rx).await,
         }
     };
     let (loaded, ()) = tokio::join!(load, check_lines(rx, body_tx));
@@ -631,66 +485,6 @@ async fn check_lines(mut rx: LineRx, tx: LineTx) {
         let _ = tx
             .send(Err(TransferError::Incomplete("no end line".into())))
             .await;
-    }
-}
-
-/// Until the MongoDB backend implements [`Dump`] and [`Load`] itself:
-/// `mongo_source`/`mongo_sink` behind the traits (their own header and end
-/// lines are dropped on the way out and made up on the way in).
-struct MongoGlue(StoreConfig);
-
-#[async_trait::async_trait]
-impl Dump for MongoGlue {
-    async fn totals(&self) -> Result<Counts, TransferError> {
-        // Only for the progress bar; mongo_source counts inside its own header.
-        Ok(Counts::default())
-    }
-
-    async fn dump(&self, tx: RecordTx) -> Result<(), TransferError> {
-        let (itx, mut irx) = mpsc::channel(1024);
-        let forward = async move {
-            while let Some(r) = irx.recv().await {
-                if matches!(r, Ok(Record::Header(_) | Record::End(_))) {
-                    continue;
-                }
-                if tx.send(r).await.is_err() {
-                    return Err(closed());
-                }
-            }
-            Ok(())
-        };
-        let (a, b) = tokio::join!(mongo_source(&self.0, itx), forward);
-        a.and(b)
-    }
-}
-
-#[async_trait::async_trait]
-impl Load for MongoGlue {
-    async fn load(&self, mut rx: LineRx) -> Result<Counts, TransferError> {
-        let (itx, irx) = mpsc::channel(1024);
-        let forward = async move {
-            if itx
-                .send(Ok((1, header("mongodb", Counts::default()))))
-                .await
-                .is_err()
-            {
-                return;
-            }
-            let (mut counts, mut last) = (Counts::default(), 1);
-            while let Some(item) = rx.recv().await {
-                let failed = item.is_err();
-                if let Ok((line, r)) = &item {
-                    counts.count(r);
-                    last = *line;
-                }
-                if itx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-            let _ = itx.send(Ok((last + 1, Record::End(End { counts })))).await;
-        };
-        let (r, ()) = tokio::join!(mongo_sink(&self.0, irx), forward);
-        r
     }
 }
 
@@ -791,150 +585,6 @@ fn check_end(end: &End, counts: &Counts) -> Result<(), TransferError> {
         )));
     }
     Ok(())
-}
-
-/// Per-collection buffers of documents waiting for an `insertMany`.
-#[derive(Default)]
-struct MongoBatches {
-    users: Vec<mongo::UserDoc>,
-    rooms: Vec<mongo::RoomDoc>,
-    members: Vec<mongo::MemberDoc>,
-    messages: Vec<mongo::MessageDoc>,
-    blocks: Vec<mongo::BlockDoc>,
-    devices: Vec<mongo::DeviceDoc>,
-    refresh: Vec<mongo::RefreshDoc>,
-}
-
-impl MongoBatches {
-    fn push(&mut self, r: Record) {
-        match r {
-            Record::User(u) => self.users.push(mongo::UserDoc {
-                id: u.id,
-                username: u.username,
-                email: u.email,
-                display_name: u.display_name,
-                password_hash: u.password_hash,
-                created_at: u.created_at,
-                last_seen: u.last_seen,
-                notify_push: u.notify_push,
-                notify_email: u.notify_email,
-            }),
-            Record::Room(r) => self.rooms.push(mongo::RoomDoc {
-                id: r.id,
-                kind: r.kind,
-                name: r.name,
-                direct_key: r.direct_key,
-                created_at: r.created_at,
-                last_seq: r.last_seq,
-            }),
-            Record::Member(m) => self.members.push(mongo::MemberDoc {
-                id: format!("{}:{}", m.room_id, m.user_id),
-                room_id: m.room_id,
-                user_id: m.user_id,
-                role: m.role,
-                delivered_seq: m.delivered_seq,
-                read_seq: m.read_seq,
-                joined_at: m.joined_at,
-            }),
-            Record::Message(m) => self.messages.push(mongo::MessageDoc {
-                id: m.id,
-                room_id: m.room_id,
-                seq: m.seq,
-                sender_id: m.sender_id,
-                client_msg_id: m.client_msg_id,
-                body: m.body,
-                created_at: m.created_at,
-                x: m.x,
-                cs: None,
-            }),
-            Record::Block(b) => self.blocks.push(mongo::BlockDoc {
-                id: format!("{}:{}", b.blocker_id, b.blocked_id),
-                blocker_id: b.blocker_id,
-                blocked_id: b.blocked_id,
-                created_at: b.created_at,
-            }),
-            Record::Device(d) => self.devices.push(mongo::DeviceDoc {
-                token: d.token,
-                user_id: d.user_id,
-                platform: d.platform,
-                created_at: d.created_at,
-            }),
-            Record::RefreshToken(t) => {
-                let mut d = mongo::RefreshDoc::new(t.hash, t.user_id, t.family_id, t.expires_at);
-                d.used = t.used;
-                self.refresh.push(d);
-            }
-            Record::Header(_) | Record::End(_) => {}
-        }
-    }
-
-    /// Inserts every buffer that holds `min` or more documents.
-    async fn flush(&mut self, db: &mongodb::Database, min: usize) -> Result<(), TransferError> {
-        async fn put<T: Serialize + Send + Sync>(
-            db: &mongodb::Database,
-            name: &str,
-            buf: &mut Vec<T>,
-            min: usize,
-        ) -> Result<(), TransferError> {
-            if !buf.is_empty() && buf.len() >= min {
-                db.collection::<T>(name)
-                    .insert_many(buf.drain(..))
-                    .await
-                    .map_err(mongo_err)?;
-            }
-            Ok(())
-        }
-        put(db, mongo::USERS, &mut self.users, min).await?;
-        put(db, mongo::ROOMS, &mut self.rooms, min).await?;
-        put(db, mongo::MEMBERS, &mut self.members, min).await?;
-        put(db, mongo::MESSAGES, &mut self.messages, min).await?;
-        put(db, mongo::BLOCKS, &mut self.blocks, min).await?;
-        put(db, mongo::DEVICES, &mut self.devices, min).await?;
-        put(db, mongo::REFRESH_TOKENS, &mut self.refresh, min).await?;
-        Ok(())
-    }
-}
-
-async fn mongo_sink(cfg: &StoreConfig, mut rx: LineRx) -> Result<Counts, TransferError> {
-    // Creates collections, indexes and meta (or checks them).
-    let store = MongoStore::open(&cfg.mongodb).await?;
-    let db = store.database().clone();
-    for name in [
-        mongo::USERS,
-        mongo::ROOMS,
-        mongo::MEMBERS,
-        mongo::MESSAGES,
-        mongo::BLOCKS,
-        mongo::DEVICES,
-        mongo::REFRESH_TOKENS,
-    ] {
-        if db
-            .collection::<Document>(name)
-            .find_one(doc! {})
-            .await
-            .map_err(mongo_err)?
-            .is_some()
-        {
-            return Err(TransferError::NotEmpty(name.into()));
-        }
-    }
-    check_header(rx.recv().await)?;
-    let mut batches = MongoBatches::default();
-    let mut body = Body::default();
-    while let Some(item) = rx.recv().await {
-        let (line, r) = item?;
-        if let Some(r) = body.next(line, r)? {
-            batches.push(r);
-            batches.flush(&db, MONGO_BATCH).await?;
-        }
-    }
-    if !body.ended {
-        return Err(TransferError::Incomplete(
-            "no end line (what was read is in the database: drop it before importing again)".into(),
-        ));
-    }
-    batches.flush(&db, 1).await?;
-    Ok(body.counts)
 }
 
 #[cfg(test)]

@@ -10,6 +10,11 @@
 //              with a /ws user driven by the Rust test, step by step: it
 //              prints one JSON line per step on stdout and reads the Rust
 //              side's lines ("go ...") on stdin.
+//   heartbeat  connects (SIO_TOKEN) and reports the Engine.IO timers of
+//              the handshake, the gaps between the server's pings and the
+//              Socket.IO and Engine.IO ids.
+//   capped     connects (SIO_TOKEN) to a user at the per-user socket cap:
+//              must get connect_error too_many_sockets.
 //
 // Every wait has a timeout; a failure exits 1 with the reason on stderr.
 
@@ -452,7 +457,46 @@ async function slow() {
   s.close();
 }
 
-const scenarios = { two_users: twoUsers, mixed, kicked, shutdown, slow };
+// The server's pings come at the configured interval (the test sets a
+// short one, as the Socket.IO protocol test suites do).
+async function heartbeat() {
+  const s = new Client("sio", { transports: ["websocket"], auth: { token: process.env.SIO_TOKEN } });
+  const pings = [];
+  s.socket.io.on("ping", () => pings.push(Date.now()));
+  await s.connect();
+  const until = Date.now() + WAIT_MS;
+  while (pings.length < 4) {
+    if (Date.now() > until) fail(`${pings.length} pings from the server within ${WAIT_MS} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const gaps = pings.slice(1).map((t, i) => t - pings[i]);
+  // Still connected after several intervals: the pongs came in time.
+  await s.assertNone("close");
+  const e = s.socket.io.engine;
+  step("heartbeat", {
+    ping_interval: e._pingInterval ?? e.pingInterval,
+    ping_timeout: e._pingTimeout ?? e.pingTimeout,
+    gaps,
+    sid: s.socket.id,
+    engine_sid: e.id,
+  });
+  s.close();
+}
+
+async function capped() {
+  const c = new Client("capped", {
+    transports: ["websocket"],
+    auth: { token: process.env.SIO_TOKEN },
+    reconnection: false,
+  });
+  c.socket.connect();
+  const e = await c.payload("$connect_error", () => true, "connect_error at the cap");
+  c.close();
+  check(!c.log.some((x) => x.event === "ready"), "no ready over the cap");
+  step("capped", { message: e.message });
+}
+
+const scenarios = { two_users: twoUsers, mixed, kicked, shutdown, slow, heartbeat, capped };
 const run = scenarios[process.env.SCENARIO];
 if (!run) fail(`unknown SCENARIO ${process.env.SCENARIO}`);
 try {

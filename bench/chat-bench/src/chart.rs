@@ -33,11 +33,19 @@ fn load_font() -> Result<()> {
     ))
 }
 
+/// "500", "1.5k", "20k", "1.2M": short enough that neighbours do not touch.
 fn fmt_rate(x: f64) -> String {
+    let short = |v: f64, unit: &str| {
+        if v >= 10.0 || (v - v.round()).abs() < 0.05 {
+            format!("{v:.0}{unit}")
+        } else {
+            format!("{v:.1}{unit}")
+        }
+    };
     if x >= 1e6 {
-        format!("{:.1}M", x / 1e6)
+        short(x / 1e6, "M")
     } else if x >= 1e3 {
-        format!("{:.0}k", x / 1e3)
+        short(x / 1e3, "k")
     } else {
         format!("{x:.0}")
     }
@@ -57,6 +65,14 @@ pub fn draw(path: &Path, title: &str, series: &[Series]) -> Result<()> {
     if xmin > xmax {
         return Err(anyhow!("no points to draw"));
     }
+    // Ticks at the offered rates themselves: a log axis otherwise labels
+    // only the decades (or, asked for more, every 1-2-5 step, which collide).
+    let mut rates: Vec<f64> = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup_by(|a, b| (*a / *b - 1.0).abs() < 0.05);
     let root = BitMapBackend::new(path, (1100, 680)).into_drawing_area();
     root.fill(&WHITE).map_err(|x| e(&x))?;
     let mut chart = ChartBuilder::on(&root)
@@ -65,7 +81,7 @@ pub fn draw(path: &Path, title: &str, series: &[Series]) -> Result<()> {
         .x_label_area_size(50)
         .y_label_area_size(70)
         .build_cartesian_2d(
-            (xmin * 0.8..xmax * 1.25).log_scale(),
+            (xmin * 0.8..xmax * 1.25).log_scale().with_key_points(rates),
             (ymin * 0.7..ymax * 1.5).log_scale(),
         )
         .map_err(|x| e(&x))?;

@@ -106,7 +106,9 @@ pub struct Args {
 
     /// Run the whole suite: build nothing, start chatd, bench-relay and the Node relay
     /// from --bin-dir / --node-relay-dir, run every scenario against each, write
-    /// --out-dir/results.json, the table into --markdown and the chart into --chart.
+    /// --out-dir/results.json, the table into --markdown and the chart into --chart
+    /// (all under target/bench/ by default: the committed BENCHMARKS.md, BENCHMARKS.png
+    /// and bench/results/ change only when named, as `bench/run.sh --write` does).
     #[arg(long)]
     pub suite: bool,
     /// Suite size: full, or quick (shorter runs, for trying the suite out)
@@ -119,11 +121,14 @@ pub struct Args {
     pub bin_dir: PathBuf,
     #[arg(long, default_value = "bench/node-relay")]
     pub node_relay_dir: PathBuf,
-    #[arg(long, default_value = "bench/results")]
+    /// Where results.json, table.md and the server logs go
+    #[arg(long, default_value = "target/bench")]
     pub out_dir: PathBuf,
-    #[arg(long, default_value = "BENCHMARKS.md")]
+    /// Markdown file whose generated section (between the markers) is rewritten
+    #[arg(long, default_value = "target/bench/BENCHMARKS.md")]
     pub markdown: PathBuf,
-    #[arg(long, default_value = "BENCHMARKS.png")]
+    /// Where the chart (PNG) is drawn
+    #[arg(long, default_value = "target/bench/BENCHMARKS.png")]
     pub chart: PathBuf,
     /// Suite: before each run, wait until other processes use less than this much CPU
     /// (percent of one core, measured over 2 s)...

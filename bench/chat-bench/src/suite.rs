@@ -394,6 +394,12 @@ pub fn replot(args: &Args, path: &Path) -> Result<()> {
 }
 
 fn finish(args: &Args, r: &SuiteResults) -> Result<()> {
+    for p in [&args.chart, &args.markdown] {
+        if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+    }
+    std::fs::create_dir_all(&args.out_dir)?;
     let series: Vec<chart::Series> = labels(r)
         .into_iter()
         .map(|label| chart::Series {

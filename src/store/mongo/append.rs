@@ -1,16 +1,28 @@
 //! The append path: one task per store group-commits the appends of every
 //! room of this node, one transaction per batch.
+//!
+//! A batch costs one read of `members` (membership of every sender), one
+//! seq reservation per batch (one `$inc` by n for a single room, one
+//! pipeline `updateMany` plus one read for several), and one `insertMany`.
+//! Idempotency is the unique index on `(room_id, sender_id, client_msg_id)`:
+//! the first try reads nothing for it; if the insert hits the index (a
+//! client resent a stored message), the transaction aborts, so no seq is
+//! taken, and the batch runs again "checked": it first reads the messages
+//! already stored under the batch's keys and answers those with their
+//! original ack.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use futures_util::{FutureExt, TryStreamExt};
-use mongodb::bson::{doc, Bson};
+use mongodb::bson::{doc, Bson, Document};
 use mongodb::options::ReturnDocument;
 use mongodb::ClientSession;
 use tokio::sync::{mpsc, oneshot};
 
 use super::docs::{pair_key, MessageDoc};
+use super::errors::is_dup_key;
 use super::{Colls, Inner, MEMBERS, ROOMS};
 use crate::domain::{now_rfc3339, MessageId, RoomId, Seq};
 use crate::store::{Appended, Message, NewMessage, StoreError};
@@ -50,15 +62,27 @@ fn key(m: &NewMessage) -> Key<'_> {
     )
 }
 
-/// Appends a batch inside the caller's transaction: two reads, one
-/// `$inc` per room, one insert. Returns a result per message.
+/// Appends a batch inside the caller's transaction and returns a result
+/// per message. `checked` first reads what is stored under the batch's
+/// idempotency keys; unchecked, a stored key fails the insert (duplicate
+/// key) and with it the transaction.
 async fn append_in_txn(
     c: &Colls,
     s: &mut ClientSession,
     batch: &[NewMessage],
+    checked: bool,
 ) -> mongodb::error::Result<Vec<Result<Appended, StoreError>>> {
-    let stored = stored_before(c, s, batch).await?;
     let members = members_of(c, s, batch).await?;
+    let stored = if checked {
+        stored_before(c, s, batch.iter()).await?
+    } else {
+        // A message resent by a sender who has left since gets its ack,
+        // not `Forbidden`; such senders are few, so this read is rare.
+        let outsiders = batch
+            .iter()
+            .filter(|m| !members.contains(&pair_key(m.room_id.as_str(), m.sender_id.as_str())));
+        stored_before(c, s, outsiders).await?
+    };
     let (plans, per_room) = plan(batch, &stored, &members);
     let base = reserve_seqs(c, s, &per_room).await?;
     let (out, docs) = build(batch, plans, &base);
@@ -72,13 +96,14 @@ async fn append_in_txn(
     Ok(out)
 }
 
-/// Messages stored before under the idempotency keys of `batch`.
-async fn stored_before(
+/// Messages stored before under the idempotency keys of `batch` (nothing
+/// is read for an empty `batch`).
+async fn stored_before<'a>(
     c: &Colls,
     s: &mut ClientSession,
-    batch: &[NewMessage],
+    batch: impl Iterator<Item = &'a NewMessage>,
 ) -> mongodb::error::Result<HashMap<OwnedKey, Message>> {
-    let mut ors = Vec::with_capacity(batch.len());
+    let mut ors = Vec::new();
     let mut asked = HashSet::new();
     for m in batch {
         if asked.insert(key(m)) {
@@ -173,34 +198,86 @@ fn plan(
     (plans, per_room)
 }
 
-/// Reserves each room's seqs with one `$inc` per room; the transaction
-/// makes it and the insert one atomic step (no gap, no duplicate). Returns
-/// each room's last seq before the batch (`None`: no such room).
+/// Reserves each room's seqs: `last_seq` grows by the room's count of new
+/// messages, once per room per batch; the transaction makes it and the
+/// insert one atomic step (no gap, no duplicate). Returns each room's last
+/// seq before the batch (`None`: no such room).
 async fn reserve_seqs(
     c: &Colls,
     s: &mut ClientSession,
     per_room: &[(RoomId, i64)],
 ) -> mongodb::error::Result<HashMap<RoomId, Option<Seq>>> {
-    let mut base = HashMap::new();
-    for (room, n) in per_room {
-        let after = c
-            .raw(ROOMS)
-            .find_one_and_update(
-                doc! { "_id": room.as_str() },
-                doc! { "$inc": { "last_seq": *n } },
-            )
-            .projection(doc! { "last_seq": 1 })
-            .return_document(ReturnDocument::After)
-            .session(&mut *s)
-            .await?;
-        let last = after.and_then(|d| match d.get("last_seq") {
-            Some(Bson::Int64(v)) => Some(*v),
-            Some(Bson::Int32(v)) => Some(i64::from(*v)),
-            _ => None,
-        });
-        base.insert(room.clone(), last.map(|l| l - n));
+    let mut base = HashMap::with_capacity(per_room.len());
+    match per_room {
+        [] => {}
+        [(room, n)] => {
+            let after = c
+                .raw(ROOMS)
+                .find_one_and_update(
+                    doc! { "_id": room.as_str() },
+                    doc! { "$inc": { "last_seq": *n } },
+                )
+                .projection(doc! { "last_seq": 1 })
+                .return_document(ReturnDocument::After)
+                .session(&mut *s)
+                .await?;
+            base.insert(
+                room.clone(),
+                after.and_then(|d| last_seq(&d)).map(|l| l - n),
+            );
+        }
+        many => {
+            let after = bump_rooms(c, s, many).await?;
+            for (room, n) in many {
+                base.insert(room.clone(), after.get(room).map(|l| l - n));
+            }
+        }
     }
     Ok(base)
+}
+
+/// Several rooms in two round trips: one pipeline `updateMany` adds each
+/// room's count (a `$switch` on `_id`), one read returns the new values
+/// (the transaction reads its own writes).
+async fn bump_rooms(
+    c: &Colls,
+    s: &mut ClientSession,
+    per_room: &[(RoomId, i64)],
+) -> mongodb::error::Result<HashMap<RoomId, Seq>> {
+    let ids: Vec<&str> = per_room.iter().map(|(r, _)| r.as_str()).collect();
+    let branches: Vec<Document> = per_room
+        .iter()
+        .map(|(r, n)| doc! { "case": { "$eq": ["$_id", r.as_str()] }, "then": *n })
+        .collect();
+    let add = doc! { "$switch": { "branches": branches, "default": 0_i64 } };
+    let pipeline = vec![doc! { "$set": { "last_seq": { "$add": ["$last_seq", add] } } }];
+    c.raw(ROOMS)
+        .update_many(doc! { "_id": { "$in": &ids } }, pipeline)
+        .session(&mut *s)
+        .await?;
+    let mut after = HashMap::with_capacity(per_room.len());
+    let mut cur = c
+        .raw(ROOMS)
+        .find(doc! { "_id": { "$in": &ids } })
+        .projection(doc! { "last_seq": 1 })
+        .session(&mut *s)
+        .await?;
+    let mut stream = cur.stream(&mut *s);
+    while let Some(d) = stream.try_next().await? {
+        if let (Ok(id), Some(last)) = (d.get_str("_id"), last_seq(&d)) {
+            after.insert(RoomId::from_trusted(id), last);
+        }
+    }
+    Ok(after)
+}
+
+/// A room document's `last_seq`, written as Int64 (or Int32 by other tools).
+fn last_seq(d: &Document) -> Option<Seq> {
+    match d.get("last_seq") {
+        Some(Bson::Int64(v)) => Some(*v),
+        Some(Bson::Int32(v)) => Some(i64::from(*v)),
+        _ => None,
+    }
 }
 
 /// Builds the answers and the documents of the new messages.
@@ -253,15 +330,27 @@ fn build(
 }
 
 impl Inner {
+    /// One batch, one transaction (retried as [`Inner::transaction`] says).
+    /// The first try is unchecked; a duplicate key makes the retries checked.
     async fn append_all(&self, batch: Vec<NewMessage>) -> AppendReply {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
         let c = self.c.clone();
         let batch = Arc::new(batch);
+        let checked = Arc::new(AtomicBool::new(false));
         self.transaction(move |s| {
-            let (c, batch) = (c.clone(), batch.clone());
-            async move { append_in_txn(&c, s, &batch).await }.boxed()
+            let (c, batch, checked) = (c.clone(), batch.clone(), checked.clone());
+            async move {
+                let check = checked.load(Ordering::Relaxed);
+                let r = append_in_txn(&c, s, &batch, check).await;
+                if matches!(&r, Err(e) if !check && is_dup_key(e)) {
+                    tracing::debug!("append hit a stored idempotency key: rerun checked");
+                    checked.store(true, Ordering::Relaxed);
+                }
+                r
+            }
+            .boxed()
         })
         .await
     }

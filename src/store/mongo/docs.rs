@@ -21,6 +21,9 @@ pub struct UserDoc {
     pub last_seen: Option<String>,
     pub notify_push: bool,
     pub notify_email: bool,
+    /// The admin role (absent in documents written before roles existed).
+    #[serde(default)]
+    pub admin: bool,
 }
 
 impl From<UserDoc> for User {
@@ -32,6 +35,7 @@ impl From<UserDoc> for User {
             display_name: d.display_name,
             created_at: d.created_at,
             last_seen: d.last_seen,
+            admin: d.admin,
         }
     }
 }
@@ -260,6 +264,7 @@ mod tests {
             last_seen: None,
             notify_push: true,
             notify_email: false,
+            admin: false,
         }
     }
 
@@ -273,7 +278,7 @@ mod tests {
                     "_id": "u1", "username": "alice", "email": "alice@example.com",
                     "display_name": name, "password_hash": "$argon2id$x",
                     "created_at": "2026-01-01T00:00:00.000Z", "last_seen": Bson::Null,
-                    "notify_push": true, "notify_email": false,
+                    "notify_push": true, "notify_email": false, "admin": false,
                 },
             );
             let u = User::from(d);

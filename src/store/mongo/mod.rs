@@ -14,11 +14,13 @@
 //! This file opens the store (client, `meta`, indexes) and holds what every
 //! part shares; `docs` has the document shapes, `errors` the error
 //! mapping, `txn` the transaction runner, `append` the group-commit
-//! append, and `users`, `auth`, `rooms`, `messages` one aggregate trait each.
+//! append, `users`, `auth`, `rooms`, `messages` one aggregate trait each,
+//! and `dump` the backend's side of `chatd export` / `import`.
 
 mod append;
 mod auth;
 mod docs;
+mod dump;
 mod errors;
 mod lifecycle;
 mod messages;
@@ -40,15 +42,12 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database, IndexModel};
 use tokio::sync::mpsc;
 
-pub use docs::{BlockDoc, DeviceDoc, MemberDoc, MessageDoc, RefreshDoc, RoomDoc, UserDoc};
-pub(crate) use errors::store_err;
-
 use super::{Room, StoreError, StoreHealth, UserId};
 use crate::config::MongoConfig;
 use crate::domain::now_rfc3339;
 use append::AppendJob;
-use docs::room_of;
-use errors::{bson_err, is_dup_key, is_unavailable};
+use docs::{room_of, BlockDoc, DeviceDoc, MemberDoc, MessageDoc, RefreshDoc, RoomDoc, UserDoc};
+use errors::{bson_err, is_dup_key, is_unavailable, store_err};
 
 /// Schema version this build reads and writes (kept in `meta`).
 pub const SCHEMA_VERSION: i32 = 1;
@@ -192,13 +191,6 @@ impl MongoStore {
             inner,
             appender: tx,
         })
-    }
-}
-
-impl MongoStore {
-    /// The database, for whole-store tools (`chatd export` / `import`).
-    pub fn database(&self) -> &Database {
-        &self.inner.c.db
     }
 }
 

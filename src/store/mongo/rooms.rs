@@ -9,7 +9,7 @@ use mongodb::options::ReturnDocument;
 
 use super::docs::{direct_key, member_doc, pair_key, room_of, MemberDoc, RoomDoc};
 use super::errors::{bson_err, is_dup_key, store_err};
-use super::{MongoStore, MEMBERS, ROOMS};
+use super::{Colls, MongoStore, MEMBERS, ROOMS};
 use crate::domain::{now_rfc3339, RoomId, Seq, UserId};
 use crate::store::{
     CursorKind, Member, Message, Role, Room, RoomCursor, RoomKind, RoomStore, RoomSummary,
@@ -167,41 +167,11 @@ impl RoomStore for MongoStore {
             })
             .collect();
         let mut out: Vec<RoomSummary> = futures_util::stream::iter(work)
-            .map(|(r, ms, read_seq)| async move {
-                let rid = r.id.as_str().to_owned();
-                let last = c
-                    .messages
-                    .find_one(doc! { "room_id": &rid, "sender_id": { "$nin": blocked } })
-                    .sort(doc! { "seq": -1 })
-                    .await
-                    .map_err(store_err)?;
-                let unread = c
-                    .messages
-                    .count_documents(doc! {
-                        "room_id": &rid,
-                        "seq": { "$gt": read_seq },
-                        "sender_id": { "$ne": me, "$nin": blocked },
-                    })
-                    .await
-                    .map_err(store_err)?;
-                Ok::<_, StoreError>(RoomSummary {
-                    room: room_of(r, ms),
-                    last_message: last.map(Message::from),
-                    unread: unread as i64,
-                })
-            })
+            .map(|(r, ms, read_seq)| summary(c, r, ms, read_seq, me, blocked))
             .buffer_unordered(8)
             .try_collect()
             .await?;
-        out.sort_by(|x, y| {
-            let at = |s: &RoomSummary| {
-                s.last_message
-                    .as_ref()
-                    .map(|m| m.created_at.clone())
-                    .unwrap_or_else(|| s.room.created_at.clone())
-            };
-            at(y).cmp(&at(x)).then_with(|| y.room.id.cmp(&x.room.id))
-        });
+        sort_by_activity(&mut out);
         Ok(out)
     }
 
@@ -364,4 +334,50 @@ impl RoomStore for MongoStore {
             })
             .collect())
     }
+}
+
+/// One room as listed for `me`: its last message and unread count, both
+/// without the messages of senders `me` blocks.
+async fn summary(
+    c: &Colls,
+    r: RoomDoc,
+    ms: Vec<MemberDoc>,
+    read_seq: Seq,
+    me: &str,
+    blocked: &[String],
+) -> Result<RoomSummary, StoreError> {
+    let rid = r.id.as_str().to_owned();
+    let last = c
+        .messages
+        .find_one(doc! { "room_id": &rid, "sender_id": { "$nin": blocked } })
+        .sort(doc! { "seq": -1 })
+        .await
+        .map_err(store_err)?;
+    let unread = c
+        .messages
+        .count_documents(doc! {
+            "room_id": &rid,
+            "seq": { "$gt": read_seq },
+            "sender_id": { "$ne": me, "$nin": blocked },
+        })
+        .await
+        .map_err(store_err)?;
+    Ok(RoomSummary {
+        room: room_of(r, ms),
+        last_message: last.map(Message::from),
+        unread: unread as i64,
+    })
+}
+
+/// Newest activity (last message, else creation) first; ties by room id.
+fn sort_by_activity(out: &mut [RoomSummary]) {
+    out.sort_by(|x, y| {
+        let at = |s: &RoomSummary| {
+            s.last_message
+                .as_ref()
+                .map(|m| m.created_at.clone())
+                .unwrap_or_else(|| s.room.created_at.clone())
+        };
+        at(y).cmp(&at(x)).then_with(|| y.room.id.cmp(&x.room.id))
+    });
 }

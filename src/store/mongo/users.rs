@@ -37,6 +37,7 @@ impl UserStore for MongoStore {
             last_seen: None,
             notify_push: true,
             notify_email: true,
+            admin: false,
         };
         match c.users.insert_one(&d).await {
             Ok(_) => Ok(d.into()),
@@ -268,6 +269,36 @@ impl UserStore for MongoStore {
             .into_iter()
             .map(|d| (d.blocker_id, d.blocked_id))
             .collect())
+    }
+
+    async fn set_admin(&self, username: &str, admin: bool) -> Result<Option<User>, StoreError> {
+        Ok(self
+            .inner
+            .c
+            .users
+            .find_one_and_update(
+                doc! { "username": username },
+                doc! { "$set": { "admin": admin } },
+            )
+            .return_document(mongodb::options::ReturnDocument::After)
+            .await
+            .map_err(store_err)?
+            .map(User::from))
+    }
+
+    async fn admins(&self) -> Result<Vec<User>, StoreError> {
+        let docs: Vec<UserDoc> = self
+            .inner
+            .c
+            .users
+            .find(doc! { "admin": true })
+            .sort(doc! { "username": 1 })
+            .await
+            .map_err(store_err)?
+            .try_collect()
+            .await
+            .map_err(store_err)?;
+        Ok(docs.into_iter().map(User::from).collect())
     }
 }
 

@@ -111,7 +111,7 @@ fn read_all(c: &Connection, tx: &RecordTx) -> Result<(), TransferError> {
         c,
         tx,
         "SELECT id, username, email, display_name, password_hash, created_at, last_seen,
-                notify_push, notify_email FROM users ORDER BY id",
+                notify_push, notify_email, admin FROM users ORDER BY id",
         [],
         |r| {
             Ok(Record::User(UserRec {
@@ -124,6 +124,7 @@ fn read_all(c: &Connection, tx: &RecordTx) -> Result<(), TransferError> {
                 last_seen: r.get(6)?,
                 notify_push: r.get(7)?,
                 notify_email: r.get(8)?,
+                admin: r.get(9)?,
             }))
         },
     )?;
@@ -291,7 +292,8 @@ fn insert(c: &Connection, keys: &mut Keys, line: u64, r: Record) -> Result<(), T
         Record::User(u) => {
             c.prepare_cached(
                 "INSERT INTO users(id, username, email, display_name, password_hash, created_at,
-                 last_seen, notify_push, notify_email) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                 last_seen, notify_push, notify_email, admin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )
             .and_then(|mut st| {
                 st.execute(params![
@@ -303,7 +305,8 @@ fn insert(c: &Connection, keys: &mut Keys, line: u64, r: Record) -> Result<(), T
                     u.created_at,
                     u.last_seen,
                     u.notify_push,
-                    u.notify_email
+                    u.notify_email,
+                    u.admin
                 ])
             })
             .map_err(sql)?;

@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS users (
     created_at TEXT NOT NULL,
     last_seen TEXT,
     notify_push INTEGER NOT NULL DEFAULT 1,
-    notify_email INTEGER NOT NULL DEFAULT 1
+    notify_email INTEGER NOT NULL DEFAULT 1,
+    admin INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS refresh_tokens (
     hash TEXT PRIMARY KEY,

@@ -7,7 +7,7 @@ use super::{internal, is_unique_violation, sql_err, SqliteStore};
 use crate::domain::now_rfc3339;
 use crate::store::*;
 
-const USER_COLS: &str = "id, username, email, display_name, created_at, last_seen";
+const USER_COLS: &str = "id, username, email, display_name, created_at, last_seen, admin";
 
 fn row_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
     Ok(User {
@@ -17,6 +17,7 @@ fn row_user(r: &rusqlite::Row<'_>) -> rusqlite::Result<User> {
         display_name: r.get(3)?,
         created_at: r.get(4)?,
         last_seen: r.get(5)?,
+        admin: r.get(6)?,
     })
 }
 
@@ -31,6 +32,7 @@ impl UserStore for SqliteStore {
                 display_name: new.display_name,
                 created_at: now_rfc3339(),
                 last_seen: None,
+                admin: false,
             };
             let r = c.execute(
                 "INSERT INTO users(id, username, email, display_name, password_hash, created_at)
@@ -80,7 +82,7 @@ impl UserStore for SqliteStore {
                     "SELECT {USER_COLS}, password_hash FROM users WHERE username = ?1 OR email = ?1"
                 ),
                 [login],
-                |r| Ok((row_user(r)?, r.get::<_, String>(6)?)),
+                |r| Ok((row_user(r)?, r.get::<_, String>(7)?)),
             )
             .optional()
             .map_err(sql_err)
@@ -288,6 +290,42 @@ impl UserStore for SqliteStore {
                         UserId::from_trusted(r.get::<_, String>(1)?),
                     ))
                 })
+                .map_err(sql_err)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(sql_err)?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn set_admin(&self, username: &str, admin: bool) -> Result<Option<User>, StoreError> {
+        let username = username.to_owned();
+        self.write(move |c| {
+            c.execute(
+                "UPDATE users SET admin = ?2 WHERE username = ?1",
+                params![username, admin],
+            )
+            .map_err(sql_err)?;
+            c.query_row(
+                &format!("SELECT {USER_COLS} FROM users WHERE username = ?1"),
+                [username.as_str()],
+                row_user,
+            )
+            .optional()
+            .map_err(sql_err)
+        })
+        .await
+    }
+
+    async fn admins(&self) -> Result<Vec<User>, StoreError> {
+        self.read(|c| {
+            let mut st = c
+                .prepare_cached(&format!(
+                    "SELECT {USER_COLS} FROM users WHERE admin = 1 ORDER BY username"
+                ))
+                .map_err(sql_err)?;
+            let rows = st
+                .query_map([], row_user)
                 .map_err(sql_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(sql_err)?;
