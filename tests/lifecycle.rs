@@ -648,3 +648,105 @@ async fn socketio_edit_react_delete() {
     let h = app.history(&bob, &room).await;
     assert_eq!(h[0]["deleted"], true);
 }
+
+/// The current state of every message of a room, as history shows it.
+async fn room_state(s: &chatd::store::Stores, room: &chatd::domain::RoomId) -> Vec<Value> {
+    let q = chatd::store::HistoryQuery {
+        limit: 100,
+        ..Default::default()
+    };
+    let h = s.messages.history(room, q).await.unwrap();
+    h.iter().map(|m| serde_json::to_value(m).unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_import_carry_replies_edits_tombstones_and_reactions() {
+    use chatd::domain::{ClientMsgId, Emoji, MessageBody};
+    use chatd::store::{self, transfer, MessageChange, NewMessage};
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = chatd::config::Settings::defaults().store;
+    src.sqlite.path = dir.path().join("src.db").to_string_lossy().into_owned();
+    let s = store::open(&src).await.unwrap();
+    let a = store::contract::make_user(&s, "ex").await;
+    let b = store::contract::make_user(&s, "ex").await;
+    let (room, _) = s.rooms.create_direct(&a.id, &b.id).await.unwrap();
+    let new = |cmid: &str, body: &str| {
+        NewMessage::plain(
+            room.id.clone(),
+            a.id.clone(),
+            ClientMsgId::from_trusted(cmid.into()),
+            MessageBody::from_trusted(body.into()),
+        )
+    };
+    let first = s
+        .messages
+        .append_batch(vec![new("c1", "one")])
+        .await
+        .unwrap();
+    let first = first[0].as_ref().unwrap().message.clone();
+    let mut reply = new("c2", "two");
+    reply.reply_to = Some(first.id.clone());
+    let third = new("c3", "three");
+    let r = s.messages.append_batch(vec![reply, third]).await.unwrap();
+    let third = r[1].as_ref().unwrap().message.clone();
+    let edit = MessageChange::Edit {
+        body: MessageBody::from_trusted("one, edited".into()),
+        at: "2026-01-02T03:04:05.000Z".into(),
+    };
+    s.messages
+        .change_message(&room.id, &first.id, edit)
+        .await
+        .unwrap();
+    let react = MessageChange::React {
+        user: b.id.clone(),
+        emoji: Emoji::parse("👍").unwrap(),
+        on: true,
+        max_distinct: 20,
+    };
+    s.messages
+        .change_message(&room.id, &first.id, react)
+        .await
+        .unwrap();
+    s.messages
+        .change_message(&room.id, &third.id, MessageChange::Delete)
+        .await
+        .unwrap();
+    let before = room_state(&s, &room.id).await;
+    assert_eq!(before[1]["reply_to"], json!(first.id.as_str()));
+    assert_eq!(before[2]["deleted"], true);
+
+    // SQLite → file → SQLite.
+    let file = dir.path().join("dump.jsonl");
+    transfer::export(&src, std::fs::File::create(&file).unwrap(), false)
+        .await
+        .unwrap();
+    let mut dst = chatd::config::Settings::defaults().store;
+    dst.sqlite.path = dir.path().join("dst.db").to_string_lossy().into_owned();
+    let f = std::io::BufReader::new(std::fs::File::open(&file).unwrap());
+    transfer::import(&dst, f, None, false).await.unwrap();
+    let d = store::open(&dst).await.unwrap();
+    assert_eq!(room_state(&d, &room.id).await, before);
+
+    // And through MongoDB when available.
+    let Ok(uri) = std::env::var("CHAT_TEST_MONGODB_URI") else {
+        return;
+    };
+    let mut m = chatd::config::Settings::defaults().store;
+    m.kind = chatd::config::StoreKind::Mongodb;
+    m.mongodb.uri = uri;
+    m.mongodb.database = uniq("lcexport_");
+    let f = std::io::BufReader::new(std::fs::File::open(&file).unwrap());
+    transfer::import(&m, f, None, false).await.unwrap();
+    let ms = store::open(&m).await.unwrap();
+    assert_eq!(room_state(&ms, &room.id).await, before);
+    let back = dir.path().join("back.jsonl");
+    transfer::export(&m, std::fs::File::create(&back).unwrap(), false)
+        .await
+        .unwrap();
+    let mut again = chatd::config::Settings::defaults().store;
+    again.sqlite.path = dir.path().join("again.db").to_string_lossy().into_owned();
+    let f = std::io::BufReader::new(std::fs::File::open(&back).unwrap());
+    transfer::import(&again, f, None, false).await.unwrap();
+    let g = store::open(&again).await.unwrap();
+    assert_eq!(room_state(&g, &room.id).await, before);
+}
