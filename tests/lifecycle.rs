@@ -750,3 +750,36 @@ async fn export_and_import_carry_replies_edits_tombstones_and_reactions() {
     let g = store::open(&again).await.unwrap();
     assert_eq!(room_state(&g, &room.id).await, before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_react_edit_delete_in_the_browser() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core")
+            .exists(),
+        "run `npm install` in tests/browser (scripts/test.sh does it)"
+    );
+    assert!(
+        std::path::Path::new("/usr/bin/chromium").exists(),
+        "Debian's chromium is required (apt-get install chromium; .ci/run does it)"
+    );
+    let app = spawn_app().await;
+    let out = root.join("test-output/browser");
+    std::fs::create_dir_all(&out).unwrap();
+    let child = tokio::process::Command::new("node")
+        .arg(root.join("tests/browser/lifecycle.mjs"))
+        .env("CHATD_URL", &app.base)
+        .env("OUT_DIR", &out)
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(std::time::Duration::from_secs(180), child)
+        .await
+        .expect("browser test finishes within 3 minutes")
+        .expect("node runs (is Node.js installed?)");
+    assert!(
+        output.status.success(),
+        "lifecycle.mjs failed:\n--- stdout\n{}\n--- stderr\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
