@@ -44,7 +44,7 @@ async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 #[tokio::test]
 async fn admin_endpoints_need_the_admin_role() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let u = app.register("plain").await;
     for path in [
         "/admin/v1/cluster",
@@ -77,7 +77,7 @@ async fn admin_endpoints_need_the_admin_role() {
 #[tokio::test]
 async fn the_tree_shows_sessions_and_rooms_and_disconnect_closes_sockets() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let a = app.register("a").await;
     let b = app.register("b").await;
     let room = app.direct(&a, &b).await;
@@ -116,7 +116,7 @@ async fn the_tree_shows_sessions_and_rooms_and_disconnect_closes_sockets() {
 #[tokio::test]
 async fn a_stopped_room_actor_restarts_and_loses_nothing() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let a = app.register("a").await;
     let b = app.register("b").await;
     let room = app.direct(&a, &b).await;
@@ -181,7 +181,7 @@ async fn a_stopped_room_actor_restarts_and_loses_nothing() {
 #[tokio::test]
 async fn a_stopped_session_actor_restarts_keeping_its_sockets_and_neighbours() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let a = app.register("a").await;
     let b = app.register("b").await;
     let c = app.register("c").await;
@@ -409,7 +409,7 @@ async fn acks_do_not_wait_for_a_stuck_broker() {
 #[tokio::test]
 async fn the_notification_pool_is_in_the_tree() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let (s, tree) = app.get("/admin/v1/actors", &admin.token).await;
     assert_eq!(s, 200, "{tree}");
     let mut hits = Vec::new();

@@ -26,7 +26,7 @@ async fn an_operator_sees_and_acts_on_a_connected_user_in_the_browser() {
     );
     // Sockets that the script does not read from stay open for the whole run.
     let app = spawn_app_with(|s| s.ws.idle_timeout_secs = 600).await;
-    let _admin = app.register_named("admin").await;
+    let _admin = app.register_admin("admin").await;
     let user = app.register("watched").await;
     let peer = app.register("peer").await;
     let room = app.direct(&user, &peer).await;

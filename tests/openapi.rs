@@ -268,7 +268,7 @@ async fn every_operation_is_described_with_errors_and_security() {
 #[tokio::test]
 async fn every_documented_route_is_served_and_only_with_its_methods() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let doc = served_document(&app).await;
     let ops = operations(&doc);
     assert!(ops.len() >= KNOWN.len());

@@ -53,7 +53,7 @@ fn reset(ws: Ws) {
 #[tokio::test]
 async fn connection_gauge_follows_live_sockets_through_abrupt_closes() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let a = app.register("gauge").await;
     let b = app.register("gauge").await;
     expect_gauge(&app, 0, "no sockets").await;

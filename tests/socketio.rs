@@ -281,7 +281,7 @@ async fn socketio_and_ws_users_chat() {
 #[tokio::test]
 async fn socketio_operator_disconnect() {
     let app = spawn_app().await;
-    let admin = app.register_named("admin").await;
+    let admin = app.register_admin("admin").await;
     let u = app.register("kick").await;
     let mut s = script(&app, "kicked", &[("SIO_TOKEN", &u.token)]).await;
     s.step("ready").await;

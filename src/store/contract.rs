@@ -64,8 +64,33 @@ pub async fn run_all(s: &Stores) {
     history_slices(s).await;
     cursors_only_move_forward(s).await;
     room_summaries(s).await;
+    admin_role_is_granted_and_revoked(s).await;
     s.health.ping().await.unwrap();
     super::contract_lifecycle::run_all(s).await;
+}
+
+/// The admin role: off at registration, granted and revoked by username,
+/// visible on every read of the user; unknown names are `None`.
+pub async fn admin_role_is_granted_and_revoked(s: &Stores) {
+    let u = make_user(s, "role").await;
+    assert!(!u.admin, "registering never grants the role");
+    let name = u.username.as_ref().to_owned();
+    let g = s.users.set_admin(&name, true).await.unwrap().unwrap();
+    assert!(g.admin);
+    assert!(s.users.user(&u.id).await.unwrap().unwrap().admin);
+    let (cred, _) = s.users.credentials(&name).await.unwrap().unwrap();
+    assert!(cred.admin);
+    assert!(s.users.admins().await.unwrap().iter().any(|a| a.id == u.id));
+    let r = s.users.set_admin(&name, false).await.unwrap().unwrap();
+    assert!(!r.admin);
+    assert!(!s.users.user(&u.id).await.unwrap().unwrap().admin);
+    assert!(!s.users.admins().await.unwrap().iter().any(|a| a.id == u.id));
+    assert!(s
+        .users
+        .set_admin(&uniq("nobody"), true)
+        .await
+        .unwrap()
+        .is_none());
 }
 
 pub async fn users_unique_and_lookup(s: &Stores) {

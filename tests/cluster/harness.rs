@@ -182,7 +182,6 @@ impl Cluster {
                 self.node_timeout_secs.to_string(),
             )
             .env("CHAT__AUTH__JWT_SECRET", &self.secret)
-            .env("CHAT__ADMIN__USERNAMES", &self.admin_name)
             .env("CHAT__AUTH__HASH_CONCURRENCY", "4")
             .env("CHAT__AUTH__LOGIN_MAX_FAILURES", "1000")
             .stdin(Stdio::null())
@@ -307,6 +306,19 @@ impl Cluster {
             .send()
             .await?;
         let v: Value = r.json().await?;
+        // The role is granted by the operator's command, on the shared store.
+        let out = Command::new(env!("CARGO_BIN_EXE_chatd"))
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("CHAT__STORE__KIND", "sqlite")
+            .env("CHAT__STORE__SQLITE__PATH", self.db_path())
+            .args(["admin", "grant", &username])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "chatd admin grant failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(User {
             id: v["user"]["id"].as_str().unwrap_or_default().to_owned(),
             username,

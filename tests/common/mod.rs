@@ -37,7 +37,6 @@ pub fn test_settings(dir: &std::path::Path) -> Settings {
     s.http.listen = "127.0.0.1:0".into();
     s.store.sqlite.path = dir.join("chat.db").to_string_lossy().into_owned();
     s.auth.jwt_secret = SECRET.into();
-    s.admin.usernames = vec!["admin".into()];
     s.node.id = format!("test-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     s
 }
@@ -157,6 +156,21 @@ impl TestApp {
             token: v["access_token"].as_str().unwrap().to_owned(),
             refresh: v["refresh_token"].as_str().unwrap().to_owned(),
         }
+    }
+
+    /// Registers `name` and gives it the admin role, as the operator would
+    /// (`chatd admin grant`): registering alone never makes an admin.
+    pub async fn register_admin(&self, name: &str) -> TestUser {
+        let u = self.register_named(name).await;
+        let granted = self
+            .hub
+            .stores
+            .users
+            .set_admin(name, true)
+            .await
+            .expect("store");
+        assert!(granted.is_some_and(|g| g.admin));
+        u
     }
 
     pub async fn direct(&self, a: &TestUser, b: &TestUser) -> String {

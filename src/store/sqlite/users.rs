@@ -82,7 +82,7 @@ impl UserStore for SqliteStore {
                     "SELECT {USER_COLS}, password_hash FROM users WHERE username = ?1 OR email = ?1"
                 ),
                 [login],
-                |r| Ok((row_user(r)?, r.get::<_, String>(7)?)),
+                |r| Ok((row_user(r)?, r.get::<_, String>("password_hash")?)),
             )
             .optional()
             .map_err(sql_err)
