@@ -55,13 +55,13 @@ use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State, TryDa
 use socketioxide::handler::{
     ConnectHandler, FromConnectParts, FromMessageParts, MessageHandler, Value,
 };
-use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use super::socket::bounded_io::SioLayer;
 use super::socket::transport::{pump, stalled_reason, Gone, Outlet, WriteEnd, WriteLimits};
 use super::socket::{self, ping, Ctx};
 use super::AppState;
@@ -81,7 +81,7 @@ type Sock = Arc<Socket<LocalAdapter>>;
 
 /// The Socket.IO layer; mount it on the application router. `registry`
 /// counts this node's sockets (with `/ws`) under the per-user cap.
-pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SocketIoLayer {
+pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SioLayer {
     let ws = &st.hub.settings.ws;
     let sio = &st.hub.settings.socketio;
     let pumps = TaskTracker::new();
@@ -99,8 +99,9 @@ pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SocketIoLayer {
         .with_state(registry)
         .build_layer();
     io.ns("/", on_connect.with(authenticate));
+    let write_timeout = WriteLimits::of(ws).write;
     tokio::spawn(close_on_shutdown(st, io, pumps));
-    layer
+    SioLayer::new(layer, "/socket.io", write_timeout)
 }
 
 /// The pump tasks of this node's Socket.IO sockets (for shutdown).
@@ -542,9 +543,9 @@ fn close_payload(reason: &CloseReason) -> Map<String, Json> {
 
 /// Pumps the socket's queue into socketioxide until the socket ends or the
 /// server closes it. A client that takes nothing is closed as a slow
-/// consumer: one attempt each to say so and to disconnect, without waiting
-/// (a client that reads nothing is then ended by the Engine.IO heartbeat,
-/// whose ping cannot be queued either).
+/// consumer: one attempt each to say so and to disconnect, without waiting;
+/// on a WebSocket whose writes are stuck, [`SioLayer`]'s bounded
+/// connection fails and socketioxide drops it.
 async fn run_pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox, limits: WriteLimits) {
     let handle = conn.handle.clone();
     let mut out = SioOutlet { s, conn };
