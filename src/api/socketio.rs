@@ -181,7 +181,6 @@ async fn authenticate(
     s.on_fallback(Enqueue {
         tx,
         handle: handle.clone(),
-        write_timeout: WriteLimits::of(&st.hub.settings.ws).write,
     });
     s.on_disconnect(on_disconnect);
     s.extensions.insert(Arc::new(Conn {
@@ -274,7 +273,6 @@ async fn on_disconnect(Extension(conn): Extension<Arc<Conn>>) {
 struct Enqueue {
     tx: mpsc::Sender<Inbound>,
     handle: SocketHandle,
-    write_timeout: Duration,
 }
 
 /// Marker for [`Enqueue`]'s handler impl.
@@ -312,7 +310,7 @@ impl MessageHandler<LocalAdapter, Queued> for Enqueue {
                 if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
                     ack_sender(&s, id).send(&frame_object(&f))
                 {
-                    slow_consumer(&self.handle, self.write_timeout);
+                    slow_consumer(&self.handle);
                 }
             }
             (None, f) => {
@@ -431,7 +429,7 @@ async fn reply(
             let sent =
                 tokio::time::timeout(limits.write, emit(s, "", &frame_object(&f), Some(id))).await;
             if sent.is_err() {
-                slow_consumer(handle, limits.write);
+                slow_consumer(handle);
             }
         }
         None => {
@@ -557,9 +555,9 @@ async fn run_pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox, limits: Writ
     }
 }
 
-fn slow_consumer(handle: &SocketHandle, waited: Duration) {
+fn slow_consumer(handle: &SocketHandle) {
     metrics::counter!("chatd_slow_consumer_closed_total").increment(1);
-    tracing::info!(user = %handle.user_id, ?waited, "Socket.IO client does not keep up; closing");
+    tracing::info!(user = %handle.user_id, "Socket.IO client does not keep up; closing");
     handle.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
 }
 
