@@ -25,11 +25,14 @@
 //! - [`roles`]: the admin role (stored with the user; operator grants it,
 //!   `admin.usernames` only for accounts existing at start).
 //! - [`protocol`]: the WebSocket frames of the contract.
-//! - [`socket`]: a socket's bounded outbound queue, its closer and the close
-//!   codes, shared by actors and api.
+//! - [`socket`]: a socket's bounded outbound queue, its closer, the close
+//!   codes, the per-node socket registry (per-user cap, connection gauge)
+//!   and the pipeline drain, shared by actors and api.
 //! - [`auth`]: argon2id, JWT access tokens, rotating refresh tokens, login limiter.
 //! - [`api`]: axum routers (`auth`, `users`, `rooms`, `ws`, `admin`, health)
-//!   and the one error type.
+//!   and the one error type; `api::socket` is the socket layer shared by
+//!   `/ws` and Socket.IO (frame dispatch, one file per frame kind, the
+//!   transport loops).
 //! - [`notify`]: the notification pool (ractor factory keyed by user), its
 //!   policy (push when online, else a collapsed e-mail), FCM and SMTP senders.
 //! - [`telemetry`]: logs and the Prometheus recorder.

@@ -2,12 +2,14 @@
 //! ([`super::socketio`]): decoding a client frame and the dispatcher that
 //! applies it, one file per frame kind ([`send`], [`receipts`] for
 //! `delivered`/`read`, [`typing`], [`sync`], [`ping`]), attaching a socket
-//! to its user's session, and the transport loops ([`transport`]).
+//! to its user's session, the transport loops ([`transport`]) and the
+//! write-bounded Socket.IO WebSocket upgrade ([`bounded_io`]).
 //!
 //! The outbound queue itself ([`crate::socket::SocketHandle`]) and the
 //! close codes live in the lower module `crate::socket`, which the actors
 //! use too.
 
+pub(crate) mod bounded_io;
 pub(crate) mod lifecycle;
 pub(crate) mod ping;
 pub(crate) mod receipts;
