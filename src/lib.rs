@@ -11,7 +11,8 @@
 //! - [`store`]: async traits per aggregate (users, auth, rooms, messages),
 //!   the SQLite backend with group commit, the MongoDB backend
 //!   (transactions), export/import between them, and the contract suite
-//!   every backend passes.
+//!   every backend passes; `store::lifecycle` is what an edit, delete or
+//!   reaction does to a message (docs/lifecycle.md).
 //! - [`blobs`]: attachments: bytes and metadata behind one trait (files
 //!   under the data directory, or GridFS with MongoDB), upload checks, the
 //!   sweeper of unattached uploads, and the contract suite.
@@ -19,7 +20,8 @@
 //!   backends).
 //! - [`actors`]: the ractor tree: root supervisor, session supervisor with a
 //!   `UserSession` per connected user, room supervisor with a `Room` per
-//!   active room (store → ack → fan-out pipeline), the broker bridge.
+//!   active room (store → ack → fan-out pipeline), the broker bridge;
+//!   `actors::lifecycle` applies message changes in the room actor.
 //! - [`cluster`]: the node table, the user → node directory, the `Presence`
 //!   view, and the wire types the bus carries.
 //! - [`roles`]: the admin role (stored with the user; operator grants it,
