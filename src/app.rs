@@ -68,6 +68,7 @@ impl Application {
         let secret = crate::auth::resolve_secret(&settings.auth.jwt_secret, &settings.data_dir())
             .map_err(StartError::Secret)?;
         let stores = crate::store::open(&settings.store).await?;
+        crate::store::lifecycle::set_reaction_users_shown(settings.limits.reaction_users_shown);
         crate::roles::bootstrap(&*stores.users, &settings.admin.usernames).await?;
         let broker = crate::broker::open(&settings.broker, &node_id).await?;
         let blobs = crate::blobs::open(&settings).await?;

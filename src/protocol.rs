@@ -14,7 +14,35 @@ pub enum ClientFrame {
     Send {
         room_id: String,
         client_msg_id: String,
+        /// Required, except that it may be absent or empty when
+        /// `attachments` are given.
+        #[serde(default)]
+        body: Option<String>,
+        #[serde(default)]
+        reply_to: Option<String>,
+        #[serde(default)]
+        attachments: Vec<String>,
+    },
+    Edit {
+        room_id: String,
+        message_id: String,
         body: String,
+        #[serde(default, rename = "ref")]
+        reference: Option<String>,
+    },
+    Delete {
+        room_id: String,
+        message_id: String,
+        #[serde(default, rename = "ref")]
+        reference: Option<String>,
+    },
+    React {
+        room_id: String,
+        message_id: String,
+        emoji: String,
+        on: bool,
+        #[serde(default, rename = "ref")]
+        reference: Option<String>,
     },
     Delivered {
         room_id: String,
@@ -58,6 +86,16 @@ pub enum ServerFrame<'a> {
         created_at: &'a str,
     },
     Message(&'a Message),
+    /// The whole current state of a message after an edit, a delete or a
+    /// reaction change.
+    MessageUpdated {
+        message: &'a Message,
+    },
+    /// A lifecycle request (`edit`, `delete`, `react`) was applied.
+    Done {
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        reference: Option<&'a str>,
+    },
     Receipt {
         room_id: &'a RoomId,
         user_id: &'a UserId,
@@ -114,6 +152,16 @@ pub fn message_frame(m: &Message) -> Frame {
     ServerFrame::Message(m).encode()
 }
 
+/// A `message_updated` frame.
+pub fn message_updated_frame(m: &Message) -> Frame {
+    ServerFrame::MessageUpdated { message: m }.encode()
+}
+
+/// A `done` frame answering a lifecycle request.
+pub fn done_frame(reference: Option<&str>) -> Frame {
+    ServerFrame::Done { reference }.encode()
+}
+
 /// An `error` frame.
 pub fn error_frame(code: &str, message: &str, reference: Option<&str>) -> Frame {
     ServerFrame::Error {
@@ -130,19 +178,29 @@ mod tests {
 
     #[test]
     fn message_frame_has_type_and_fields() {
-        let m = Message {
-            id: crate::domain::MessageId::from_trusted("m1"),
-            room_id: RoomId::from_trusted("r1"),
-            seq: 3,
-            sender_id: UserId::from_trusted("u1"),
-            client_msg_id: crate::domain::ClientMsgId::from_trusted("c1".into()),
-            body: crate::domain::MessageBody::from_trusted("hi".into()),
-            created_at: "2026-01-01T00:00:00.000Z".into(),
-        };
+        let m = Message::new_plain(
+            crate::domain::MessageId::from_trusted("m1"),
+            RoomId::from_trusted("r1"),
+            3,
+            UserId::from_trusted("u1"),
+            crate::domain::ClientMsgId::from_trusted("c1".into()),
+            crate::domain::MessageBody::from_trusted("hi".into()),
+            "2026-01-01T00:00:00.000Z".into(),
+        );
         let v: serde_json::Value = serde_json::from_str(message_frame(&m).as_str()).unwrap();
         assert_eq!(v["type"], "message");
         assert_eq!(v["seq"], 3);
         assert_eq!(v["body"], "hi");
+        for k in ["reply_to", "edited_at"] {
+            assert!(v[k].is_null() && v.get(k).is_some(), "{k} always present");
+        }
+        assert_eq!(v["attachments"], serde_json::json!([]));
+        assert_eq!(v["reactions"], serde_json::json!([]));
+        assert_eq!(v["deleted"], false);
+        let u: serde_json::Value =
+            serde_json::from_str(message_updated_frame(&m).as_str()).unwrap();
+        assert_eq!(u["type"], "message_updated");
+        assert_eq!(u["message"]["id"], "m1");
         let a: serde_json::Value = serde_json::from_str(ack_frame(&m).as_str()).unwrap();
         assert_eq!(a["type"], "ack");
         assert_eq!(a["message_id"], "m1");

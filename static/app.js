@@ -460,7 +460,7 @@
     if (c.byId.has(m.id) || c.bySeq.has(m.seq)) {
       // A later copy is the message's current state: its attachments win.
       const old = c.byId.get(m.id);
-      if (old && Array.isArray(m.attachments)) old.attachments = m.attachments;
+      if (old && old !== m) Object.assign(old, m);
       return false;
     }
     c.byId.set(m.id, m);
@@ -624,6 +624,8 @@
       case 'ready': return onReady(f);
       case 'ack': return onAck(f);
       case 'message': return onMessage(f);
+      case 'message_updated': return onUpdated(f.message);
+      case 'done': return undefined;
       case 'receipt': return onReceipt(f);
       case 'presence': return onPresence(f);
       case 'typing': return onTyping(f);
@@ -678,6 +680,7 @@
       id: f.message_id, room_id: f.room_id || p.room_id, seq: f.seq, sender_id: myId(),
       client_msg_id: f.client_msg_id, body: p.body, created_at: f.created_at || p.created_at,
       attachments: p.attachments || [],
+      reply_to: p.reply_to || null, edited_at: null, deleted: false, reactions: [],
     };
     S.pending.delete(f.client_msg_id);
     gotMessage(m);
@@ -815,8 +818,103 @@
 
   // ------------------------------------------------------------------ sending
 
+  // ------------------------------------------------------------------ lifecycle
+  // Replies, edits, deletes, reactions: requests go over HTTP; every device
+  // (this one too) learns the result from `message_updated`.
+
+  function onUpdated(m) {
+    if (!m || !m.id) return;
+    const c = cacheFor(m.room_id);
+    const old = c.byId.get(m.id);
+    if (old) Object.assign(old, m); else insertMessage(m);
+    if (S.replyTo && S.replyTo.id === m.id && m.deleted) setReply(null);
+    if (m.room_id === S.openRoomId) renderSoon();
+  }
+
+  const msgPath = (m) => `/rooms/${encodeURIComponent(m.room_id)}/messages/${encodeURIComponent(m.id)}`;
+
+  function lifecycleCall(method, path, body) {
+    api(method, path, body).catch((e) => { if (!(e instanceof SessionEnded)) showError(e.message); });
+  }
+
+  function setReply(m) {
+    S.replyTo = m ? { id: m.id, room_id: m.room_id } : null;
+    const bar = $('reply-bar');
+    if (!bar) return;
+    bar.hidden = !m;
+    if (m) setText(bar.querySelector('.reply-text'), `Replying to ${userName(m.sender_id)}: ${(m.body || '').slice(0, 80)}`);
+  }
+
+  function editMessage(m) {
+    const body = window.prompt('Edit message', m.body);
+    if (body === null || !body.trim() || body.trim() === m.body) return;
+    lifecycleCall('PATCH', msgPath(m), { body: body.trim() });
+  }
+
+  function deleteMessage(m) {
+    if (!window.confirm('Delete this message for everyone?')) return;
+    lifecycleCall('DELETE', msgPath(m));
+  }
+
+  function toggleReaction(m, emoji, on) {
+    lifecycleCall(on ? 'PUT' : 'DELETE', `${msgPath(m)}/reactions/${encodeURIComponent(emoji)}`);
+  }
+
+  function canDelete(room, m) {
+    if (m.sender_id === myId()) return true;
+    const me = room.cursors && room.cursors.get(myId());
+    return room.kind === 'group' && !!me && (me.role === 'owner' || me.role === 'admin');
+  }
+
+  // The reply quote, edited mark, tombstone, reactions and actions of one message.
+  function renderLifecycle(li, m, room, mine) {
+    const bubble = li.querySelector('.bubble');
+    const body = li.querySelector('.body');
+    li.classList.toggle('deleted', !!m.deleted);
+    if (m.deleted) { setText(body, 'Message deleted'); body.hidden = false; }
+    else setText(body, m.body || '');
+    let quote = bubble.querySelector('.reply-quote');
+    if (m.reply_to && !m.deleted) {
+      const target = cacheFor(m.room_id).byId.get(m.reply_to);
+      const text = target ? `${userName(target.sender_id)}: ${target.deleted ? 'Message deleted' : (target.body || 'attachment')}` : 'an earlier message';
+      if (!quote) { quote = el('div', { class: 'reply-quote', 'data-testid': 'reply-quote' }); bubble.prepend(quote); }
+      setText(quote, `↪ ${text.slice(0, 120)}`);
+    } else if (quote) quote.remove();
+    const meta = li.querySelector('.meta');
+    let edited = meta.querySelector('.edited');
+    if (m.edited_at && !m.deleted) {
+      if (!edited) { edited = el('span', { class: 'edited', 'data-testid': 'message-edited', text: 'edited' }); meta.prepend(edited); }
+    } else if (edited) edited.remove();
+    let box = li.querySelector('.reactions');
+    if (box) box.remove();
+    if (m.id && !m.deleted && (m.reactions || []).length) {
+      box = el('div', { class: 'reactions', 'data-testid': 'reactions' });
+      for (const r of m.reactions) {
+        const minePut = (r.users || []).includes(myId());
+        box.append(el('button', { type: 'button', class: `reaction${minePut ? ' on' : ''}`, 'data-testid': 'reaction',
+          title: (r.users || []).map(userName).join(', '), text: `${r.emoji} ${r.count}`,
+          onclick: () => toggleReaction(m, r.emoji, !minePut) }));
+      }
+      li.append(box);
+    }
+    let acts = li.querySelector('.actions');
+    if (acts) acts.remove();
+    if (m.id && m.seq && !m.deleted) {
+      acts = el('div', { class: 'actions', 'data-testid': 'message-actions' },
+        el('button', { type: 'button', class: 'link', 'data-testid': 'reply-button', text: 'Reply', onclick: () => { setReply(m); $('composer-input').focus(); } }),
+        el('button', { type: 'button', class: 'link', 'data-testid': 'react-button', text: '👍', title: 'React 👍',
+          onclick: () => toggleReaction(m, '👍', !((m.reactions || []).find((r) => r.emoji === '👍') || { users: [] }).users.includes(myId())) }),
+        el('button', { type: 'button', class: 'link', 'data-testid': 'react-other-button', text: '+', title: 'Another reaction',
+          onclick: () => { const e = window.prompt('Reaction (an emoji)'); if (e && e.trim()) toggleReaction(m, e.trim(), true); } }),
+        mine ? el('button', { type: 'button', class: 'link', 'data-testid': 'edit-button', text: 'Edit', onclick: () => editMessage(m) }) : null,
+        canDelete(room, m) ? el('button', { type: 'button', class: 'link', 'data-testid': 'delete-button', text: 'Delete', onclick: () => deleteMessage(m) }) : null);
+      li.append(acts);
+    }
+  }
+
   function transmit(p) {
     const frame = { type: 'send', room_id: p.room_id, client_msg_id: p.client_msg_id, body: p.body };
+    if (p.reply_to) frame.reply_to = p.reply_to;
     const ids = (p.attachments || []).map((a) => a.id);
     if (ids.length) frame.attachments = ids;
     if (wsReady && wsSend(frame)) {
@@ -827,6 +925,7 @@
     if (p.httpInFlight) return;
     p.httpInFlight = true;
     const httpBody = { client_msg_id: p.client_msg_id, body: p.body };
+    if (p.reply_to) httpBody.reply_to = p.reply_to;
     if (ids.length) httpBody.attachments = ids;
     api('POST', `/rooms/${encodeURIComponent(p.room_id)}/messages`, httpBody)
       .then((m) => {
@@ -857,6 +956,7 @@
     const p = { client_msg_id: uuid(), room_id: roomId, body: trimmed, state: 'pending',
       created_at: new Date().toISOString(), sender_id: myId(), made: performance.now() };
     if (attachments.length) p.attachments = attachments;
+    if (S.replyTo && S.replyTo.room_id === roomId) { p.reply_to = S.replyTo.id; setReply(null); }
     S.drafts.delete(roomId);
     renderDrafts();
     S.pending.set(p.client_msg_id, p);
@@ -1380,6 +1480,7 @@
         li.dataset.attachments = attKey;
         li.querySelector('.body').hidden = !m.body;
       }
+      renderLifecycle(li, m, room, mine);
       if (m.id) li.dataset.id = m.id; else delete li.dataset.id;
       if (m.seq) li.dataset.seq = String(m.seq); else delete li.dataset.seq;
       if (m.client_msg_id) li.dataset.clientMsgId = m.client_msg_id;
@@ -1573,6 +1674,7 @@
 
   function wire() {
     $('tab-login').addEventListener('click', () => setTab('login'));
+    $('reply-cancel').addEventListener('click', () => setReply(null));
     $('tab-register').addEventListener('click', () => setTab('register'));
     $('login-form').addEventListener('submit', guard(login, 'Could not log in'));
     $('register-form').addEventListener('submit', guard(register, 'Could not register'));

@@ -379,6 +379,8 @@ async fn acks_do_not_wait_for_a_stuck_broker() {
                 sender: ids[0].clone(),
                 client_msg_id: ClientMsgId::parse(&format!("m{i}"), &limits).unwrap(),
                 body: MessageBody::parse("hello", &limits).unwrap(),
+                reply_to: None,
+                attachments: Vec::new(),
                 reply: Replier::Http(tx),
             },
         )

@@ -906,3 +906,73 @@ async fn admin_finds_a_users_sessions_across_nodes() -> Result<()> {
     assert_eq!(r.status(), 403);
     Ok(())
 }
+
+/// Issue 19: an edit and a delete made on one node, and a reaction made on
+/// the other, reach the members' devices on both nodes as `message_updated`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_updated_reaches_devices_on_the_other_node() -> Result<()> {
+    let c = Cluster::start(2).await?;
+    let erin = c.register(0, "erin").await?;
+    let finn = c.register(1, "finn").await?;
+    let (a, b) = (c.nodes[0].base(), c.nodes[1].base());
+    let room = direct_room(&c.http, &a, &erin, &finn).await?;
+    let erin_a = Client::connect(&addr(&c, 0), &erin).await?;
+    let finn_b = Client::connect(&addr(&c, 1), &finn).await?;
+    let m: Value = c
+        .http
+        .post(format!("{a}/api/v1/rooms/{room}/messages"))
+        .bearer_auth(&erin.token)
+        .json(&json!({"client_msg_id": "lc-1", "body": "hello"}))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let id = m["id"].as_str().context("message id")?.to_owned();
+    finn_b
+        .wait_for(WAIT, |f| f["type"] == "message" && f["id"] == id.as_str())
+        .await?;
+
+    let r = c
+        .http
+        .patch(format!("{a}/api/v1/rooms/{room}/messages/{id}"))
+        .bearer_auth(&erin.token)
+        .json(&json!({"body": "hello, edited"}))
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 200);
+    finn_b
+        .wait_for(WAIT, |f| {
+            f["type"] == "message_updated" && f["message"]["body"] == "hello, edited"
+        })
+        .await?;
+
+    let r = c
+        .http
+        .put(format!(
+            "{b}/api/v1/rooms/{room}/messages/{id}/reactions/%F0%9F%91%8D"
+        ))
+        .bearer_auth(&finn.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 204);
+    erin_a
+        .wait_for(WAIT, |f| {
+            f["type"] == "message_updated" && f["message"]["reactions"][0]["count"] == 1
+        })
+        .await?;
+
+    let r = c
+        .http
+        .delete(format!("{a}/api/v1/rooms/{room}/messages/{id}"))
+        .bearer_auth(&erin.token)
+        .send()
+        .await?;
+    assert_eq!(r.status().as_u16(), 204);
+    let t = finn_b
+        .wait_for(WAIT, |f| {
+            f["type"] == "message_updated" && f["message"]["deleted"] == true
+        })
+        .await?;
+    assert_eq!(t["message"]["body"], "");
+    Ok(())
+}

@@ -54,6 +54,8 @@ fn msg(room: &RoomId, from: &UserId, cmid: &str, body: &str) -> NewMessage {
         sender_id: from.clone(),
         client_msg_id: ClientMsgId::from_trusted(cmid.to_owned()),
         body: MessageBody::from_trusted(body.to_owned()),
+        reply_to: None,
+        attachments: Vec::new(),
     }
 }
 

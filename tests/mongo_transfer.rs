@@ -65,6 +65,8 @@ async fn mongodb_import_refuses_cut_off_and_bad_files_and_loads_a_whole_one() {
         sender_id: a.id.clone(),
         client_msg_id: ClientMsgId::from_trusted("c1".into()),
         body: MessageBody::from_trusted("hello".into()),
+        reply_to: None,
+        attachments: Vec::new(),
     };
     s.messages.append_batch(vec![m]).await.unwrap();
     let whole = dir.path().join("whole.jsonl");

@@ -1005,6 +1005,8 @@ async fn a_worker_crash_loses_no_job() {
             sender_id: alice.clone(),
             client_msg_id: ClientMsgId::parse("c1", &limits).unwrap(),
             body: MessageBody::parse("survives a crash", &limits).unwrap(),
+            reply_to: None,
+            attachments: Vec::new(),
         }])
         .await
         .unwrap()

@@ -52,7 +52,7 @@ fn reset(ws: Ws) {
 
 #[tokio::test]
 async fn connection_gauge_follows_live_sockets_through_abrupt_closes() {
-    let app = spawn_app().await;
+    let app = spawn_app_with(|s| s.ws.write_timeout_ms = 500).await;
     let admin = app.register_admin("admin").await;
     let a = app.register("gauge").await;
     let b = app.register("gauge").await;
@@ -92,6 +92,58 @@ async fn connection_gauge_follows_live_sockets_through_abrupt_closes() {
         assert_eq!(ws.closed().await, Some(4001));
     }
     expect_gauge(&app, 4, "user kicked").await;
+
+    // The session actor of `b` stops; its supervisor restarts it and the
+    // new one adopts the open sockets.
+    let uid = chatd::domain::UserId::parse(&b.id).unwrap();
+    let old = app.hub.sessions.get(&uid).map(|s| s.clone()).unwrap();
+    old.stop(Some("test".into()));
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while app
+        .hub
+        .sessions
+        .get(&uid)
+        .is_none_or(|s| s.get_id() == old.get_id())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no new session actor"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for ws in &mut others {
+        ws.assert_none_of("error").await;
+    }
+    expect_gauge(&app, 4, "session actor restarted").await;
+
+    // A slow consumer: it stops reading while its room is flooded, until
+    // the server closes it.
+    let slow = app.register("gslow").await;
+    let flooder = app.register("gflood").await;
+    let room = app.direct(&slow, &flooder).await;
+    let (stalled, _) = app.ws(&slow).await;
+    expect_gauge(&app, 5, "a reader that will stall").await;
+    let body = "x".repeat(4000);
+    let path = format!("/api/v1/rooms/{room}/messages");
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while gauge(&app).await != 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled socket still counts after {sent} messages"
+        );
+        let batch = (0..32).map(|i| {
+            app.post(
+                &path,
+                Some(&flooder.token),
+                serde_json::json!({"client_msg_id": format!("f{}", sent + i), "body": body}),
+            )
+        });
+        futures_util::future::join_all(batch).await;
+        sent += 32;
+    }
+    drop(stalled);
+    expect_gauge(&app, 4, "slow consumer closed").await;
 
     // The other user's sockets close normally.
     for mut ws in others {

@@ -152,3 +152,66 @@ async fn sockets_over_the_per_user_cap_are_refused_with_4009() {
         }
     }
 }
+
+/// The same stalled reader over Socket.IO (a raw Engine.IO WebSocket that
+/// sends the Socket.IO connect and then never reads).
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_socketio_client_that_stops_reading_is_dropped_by_the_server() {
+    use futures_util::SinkExt;
+    let app = spawn_app_with(|s| {
+        s.ws.write_timeout_ms = 500;
+        s.ws.close_timeout_ms = 500;
+        s.ws.outbound_queue = 64;
+    })
+    .await;
+    let slow = app.register("sstalled").await;
+    let flooder = app.register("sflooder").await;
+    let room = app.direct(&slow, &flooder).await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(app.addr).await.unwrap();
+    let client_addr = tcp.local_addr().unwrap();
+    let req = format!("ws://{}/socket.io/?EIO=4&transport=websocket", app.addr)
+        .into_client_request()
+        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+    let connect = format!("40{}", json!({"token": slow.token}));
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        connect.into(),
+    ))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !attached(&app, &slow) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "socket never attached"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let body = "x".repeat(4000);
+    let path = format!("/api/v1/rooms/{room}/messages");
+    let mut sent = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while server_side(app.addr, client_addr) == Some(true) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the server still holds the stalled Socket.IO connection after {sent} messages (attached: {})",
+            attached(&app, &slow)
+        );
+        let batch = (0..32).map(|i| {
+            app.post(
+                &path,
+                Some(&flooder.token),
+                json!({"client_msg_id": format!("f{}", sent + i), "body": body}),
+            )
+        });
+        for (st, v) in futures_util::future::join_all(batch).await {
+            assert_eq!(st, 201, "{v}");
+        }
+        sent += 32;
+    }
+    eprintln!("stalled Socket.IO connection released after {sent} messages");
+    assert!(!attached(&app, &slow));
+}

@@ -103,6 +103,8 @@ async fn mongodb_two_nodes_share_one_gapless_seq() {
                 sender_id: a,
                 client_msg_id: ClientMsgId::from_trusted(format!("n{i}")),
                 body: MessageBody::from_trusted("x".into()),
+                reply_to: None,
+                attachments: Vec::new(),
             };
             s.messages
                 .append_batch(vec![m])
@@ -289,6 +291,8 @@ fn text_msg(
         sender_id: sender.clone(),
         client_msg_id: chatd::domain::ClientMsgId::from_trusted(cmid.into()),
         body: chatd::domain::MessageBody::from_trusted(format!("body of {cmid}")),
+        reply_to: None,
+        attachments: Vec::new(),
     }
 }
 
@@ -444,6 +448,8 @@ async fn sqlite_append_cost() {
                                 1_790_000_000_000_000u64 + k as u64
                             )),
                             body: chatd::domain::MessageBody::from_trusted(body.clone()),
+                            reply_to: None,
+                            attachments: Vec::new(),
                         })
                         .collect::<Vec<_>>();
                     n += batch.len();
@@ -649,6 +655,8 @@ async fn sqlite_migrates_a_version_1_database_with_nothing_lost() {
         sender_id: from.clone(),
         client_msg_id: ClientMsgId::from_trusted(cmid.into()),
         body: MessageBody::from_trusted(body.into()),
+        reply_to: None,
+        attachments: Vec::new(),
     };
     let r = s
         .messages
@@ -786,6 +794,8 @@ async fn sqlite_two_stores_on_one_file_share_one_gapless_seq() {
                 },
                 client_msg_id: ClientMsgId::from_trusted(format!("n{i}-{k}")),
                 body: MessageBody::from_trusted("x".into()),
+                reply_to: None,
+                attachments: Vec::new(),
             })
             .collect()
     };

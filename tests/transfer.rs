@@ -50,6 +50,8 @@ fn msg(room: &chatd::domain::RoomId, from: &UserId, cmid: &str, body: &str) -> N
         sender_id: from.clone(),
         client_msg_id: ClientMsgId::from_trusted(cmid.into()),
         body: MessageBody::from_trusted(body.into()),
+        reply_to: None,
+        attachments: Vec::new(),
     }
 }
 

@@ -14,6 +14,7 @@
 pub mod bridge;
 pub mod fanout;
 pub mod keyed_sup;
+pub mod lifecycle;
 pub mod room;
 pub mod root;
 pub mod session;

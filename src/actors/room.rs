@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::keyed_sup::{Child, StopReason};
 use super::{fanout, ActorError, Hub};
 use crate::broker::NotifyJob;
-use crate::domain::{ClientMsgId, MessageBody, RoomId, Seq, UserId};
+use crate::domain::{ClientMsgId, MessageBody, MessageId, RoomId, Seq, UserId};
 use crate::protocol::{ack_frame, error_frame, message_frame, ServerFrame};
 use crate::socket::SocketHandle;
 use crate::store::{Appended, CursorKind, Message, NewMessage, Role, RoomKind, StoreError};
@@ -66,7 +66,18 @@ pub enum RoomMsg {
         sender: UserId,
         client_msg_id: ClientMsgId,
         body: MessageBody,
+        /// Checked by the caller: a message of this room.
+        reply_to: Option<MessageId>,
+        /// Checked by the caller ([`crate::blobs::check_attachable`]).
+        attachments: Vec<crate::store::Attachment>,
         reply: Replier,
+    },
+    /// Edit, delete or react to a stored message (see [`super::lifecycle`]).
+    Change {
+        user: UserId,
+        message_id: MessageId,
+        change: super::lifecycle::ChangeRequest,
+        reply: super::lifecycle::ChangeReply,
     },
     /// Move a member's cursor; errors go to `socket` if given.
     Cursor {
@@ -138,10 +149,10 @@ impl Audience {
 
 /// Actor state.
 pub struct RoomState {
-    hub: Arc<Hub>,
-    room_id: RoomId,
-    kind: RoomKind,
-    audience: Arc<Audience>,
+    pub(super) hub: Arc<Hub>,
+    pub(super) room_id: RoomId,
+    pub(super) kind: RoomKind,
+    pub(super) audience: Arc<Audience>,
     pipeline: mpsc::Sender<Pending>,
     last_activity: Instant,
     /// Set when the actor removed itself from the registry and will stop at
@@ -214,6 +225,8 @@ impl Actor for RoomActor {
                 sender,
                 client_msg_id,
                 body,
+                reply_to,
+                attachments,
                 reply,
             } => {
                 if !st.audience.members.contains_key(&sender) {
@@ -231,6 +244,8 @@ impl Actor for RoomActor {
                         sender_id: sender,
                         client_msg_id,
                         body,
+                        reply_to,
+                        attachments,
                     },
                     reply,
                     audience: st.audience.clone(),
@@ -239,6 +254,18 @@ impl Actor for RoomActor {
                     let p = e.0;
                     refuse(p.reply, &p.new.client_msg_id, SendError::Unavailable);
                 }
+            }
+            RoomMsg::Change {
+                user,
+                message_id,
+                change,
+                reply,
+            } => {
+                if !st.audience.members.contains_key(&user) {
+                    reload(st).await?;
+                }
+                let r = super::lifecycle::apply(st, user, message_id, change).await;
+                let _ = reply.send(r);
             }
             RoomMsg::Cursor {
                 user,

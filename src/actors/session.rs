@@ -382,6 +382,18 @@ async fn catch_up(st: &mut SessionState, socket: &SocketHandle, ready: bool, bas
             let e = st.last_pushed.entry(c.room_id.clone()).or_insert(0);
             *e = (*e).max(c.last_seq);
         }
+        if !super::lifecycle::catch_up_changes(
+            &st.hub,
+            &st.user_id,
+            &st.blocked,
+            &c.room_id,
+            c.delivered_seq,
+            socket,
+        )
+        .await
+        {
+            return;
+        }
         let mut after = c.delivered_seq;
         while after < c.last_seq {
             let q = HistoryQuery {

@@ -82,6 +82,11 @@ impl Error {
         Error::Forbidden("you are not a member of this room".into())
     }
 
+    /// The contract's code (what a socket `error` frame carries).
+    pub fn code(&self) -> &'static str {
+        self.parts().1
+    }
+
     fn parts(&self) -> (StatusCode, &'static str) {
         match self {
             Error::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),

@@ -12,6 +12,7 @@ pub mod attachments;
 pub mod auth;
 pub mod error;
 pub mod health;
+pub mod lifecycle;
 pub mod rooms;
 pub(crate) mod socket;
 pub mod socketio;
@@ -202,7 +203,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .merge(auth::router())
         .merge(users::router())
         .merge(rooms::router())
-        .merge(attachments::router());
+        .merge(attachments::router())
+        .merge(lifecycle::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/v1", api)
         .nest("/admin/v1", admin::router())

@@ -14,7 +14,7 @@ use utoipa_axum::routes;
 use super::{ApiResult, AppState, Error, ErrorBody, Json, Path, Query};
 use crate::actors::room::{Replier, RoomMsg};
 use crate::auth::AuthUser;
-use crate::domain::{ClientMsgId, MessageBody, RoomId, RoomName, UserId};
+use crate::domain::{ClientMsgId, RoomId, RoomName, UserId};
 use crate::store::{HistoryQuery, Message, Role, Room, RoomKind, RoomSummary};
 
 /// Routes under `/api/v1/rooms`.
@@ -413,7 +413,15 @@ async fn history(
 #[derive(Deserialize, ToSchema)]
 struct SendBody {
     client_msg_id: String,
+    /// May be empty (or absent) when `attachments` are given.
+    #[serde(default)]
     body: String,
+    /// A message of the same room this one answers.
+    #[serde(default)]
+    reply_to: Option<String>,
+    /// Ids of attachments the sender uploaded to this room.
+    #[serde(default)]
+    attachments: Vec<String>,
 }
 
 /// Sends a message, like a socket `send`; resending a `client_msg_id`
@@ -439,7 +447,15 @@ async fn send(
     let limits = &st.hub.settings.limits;
     let room = room_id(&id)?;
     let client_msg_id = ClientMsgId::parse(&b.client_msg_id, limits)?;
-    let body = MessageBody::parse(&b.body, limits)?;
+    let x = super::lifecycle::prepare_send(
+        &st,
+        &user.id,
+        &room,
+        &b.body,
+        b.reply_to.as_deref(),
+        &b.attachments,
+    )
+    .await?;
     let (tx, rx) = oneshot::channel();
     st.hub
         .send_to_room(
@@ -447,7 +463,9 @@ async fn send(
             RoomMsg::Send {
                 sender: user.id.clone(),
                 client_msg_id,
-                body,
+                body: x.body,
+                reply_to: x.reply_to,
+                attachments: x.attachments,
                 reply: Replier::Http(tx),
             },
         )
@@ -464,5 +482,8 @@ async fn send(
                 "could not store the message; retry with the same client_msg_id".into(),
             ),
         })?;
+    if !appended.duplicate {
+        super::lifecycle::bind(&st, &user.id, &appended.message, &x.ids).await;
+    }
     Ok((StatusCode::CREATED, Json(appended.message)))
 }

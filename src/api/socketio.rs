@@ -55,13 +55,13 @@ use socketioxide::extract::{AckSender, Event, Extension, SocketRef, State, TryDa
 use socketioxide::handler::{
     ConnectHandler, FromConnectParts, FromMessageParts, MessageHandler, Value,
 };
-use socketioxide::layer::SocketIoLayer;
 use socketioxide::socket::Socket;
 use socketioxide::{SendError, SocketError, SocketIo};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use super::socket::bounded_io::SioLayer;
 use super::socket::transport::{pump, stalled_reason, Gone, Outlet, WriteEnd, WriteLimits};
 use super::socket::{self, ping, Ctx};
 use super::AppState;
@@ -81,7 +81,7 @@ type Sock = Arc<Socket<LocalAdapter>>;
 
 /// The Socket.IO layer; mount it on the application router. `registry`
 /// counts this node's sockets (with `/ws`) under the per-user cap.
-pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SocketIoLayer {
+pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SioLayer {
     let ws = &st.hub.settings.ws;
     let sio = &st.hub.settings.socketio;
     let pumps = TaskTracker::new();
@@ -99,8 +99,9 @@ pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SocketIoLayer {
         .with_state(registry)
         .build_layer();
     io.ns("/", on_connect.with(authenticate));
+    let write_timeout = WriteLimits::of(ws).write;
     tokio::spawn(close_on_shutdown(st, io, pumps));
-    layer
+    SioLayer::new(layer, "/socket.io", write_timeout)
 }
 
 /// The pump tasks of this node's Socket.IO sockets (for shutdown).
@@ -180,7 +181,6 @@ async fn authenticate(
     s.on_fallback(Enqueue {
         tx,
         handle: handle.clone(),
-        write_timeout: WriteLimits::of(&st.hub.settings.ws).write,
     });
     s.on_disconnect(on_disconnect);
     s.extensions.insert(Arc::new(Conn {
@@ -273,7 +273,6 @@ async fn on_disconnect(Extension(conn): Extension<Arc<Conn>>) {
 struct Enqueue {
     tx: mpsc::Sender<Inbound>,
     handle: SocketHandle,
-    write_timeout: Duration,
 }
 
 /// Marker for [`Enqueue`]'s handler impl.
@@ -311,7 +310,7 @@ impl MessageHandler<LocalAdapter, Queued> for Enqueue {
                 if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
                     ack_sender(&s, id).send(&frame_object(&f))
                 {
-                    slow_consumer(&self.handle, self.write_timeout);
+                    slow_consumer(&self.handle);
                 }
             }
             (None, f) => {
@@ -430,7 +429,7 @@ async fn reply(
             let sent =
                 tokio::time::timeout(limits.write, emit(s, "", &frame_object(&f), Some(id))).await;
             if sent.is_err() {
-                slow_consumer(handle, limits.write);
+                slow_consumer(handle);
             }
         }
         None => {
@@ -542,9 +541,9 @@ fn close_payload(reason: &CloseReason) -> Map<String, Json> {
 
 /// Pumps the socket's queue into socketioxide until the socket ends or the
 /// server closes it. A client that takes nothing is closed as a slow
-/// consumer: one attempt each to say so and to disconnect, without waiting
-/// (a client that reads nothing is then ended by the Engine.IO heartbeat,
-/// whose ping cannot be queued either).
+/// consumer: one attempt each to say so and to disconnect, without waiting;
+/// on a WebSocket whose writes are stuck, [`SioLayer`]'s bounded
+/// connection fails and socketioxide drops it.
 async fn run_pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox, limits: WriteLimits) {
     let handle = conn.handle.clone();
     let mut out = SioOutlet { s, conn };
@@ -556,9 +555,9 @@ async fn run_pump(s: Sock, conn: Arc<Conn>, mut inbox: SocketInbox, limits: Writ
     }
 }
 
-fn slow_consumer(handle: &SocketHandle, waited: Duration) {
+fn slow_consumer(handle: &SocketHandle) {
     metrics::counter!("chatd_slow_consumer_closed_total").increment(1);
-    tracing::info!(user = %handle.user_id, ?waited, "Socket.IO client does not keep up; closing");
+    tracing::info!(user = %handle.user_id, "Socket.IO client does not keep up; closing");
     handle.close(CLOSE_SLOW_CONSUMER, "outbound queue full; resync");
 }
 

@@ -4,9 +4,11 @@
 //! becomes one of these types through its `parse` constructor; past the edge a
 //! `Username` or `MessageBody` is valid by construction.
 
+mod emoji;
 mod ids;
 mod text;
 
+pub use emoji::{Emoji, EMOJI_MAX_CHARS};
 pub use ids::{MessageId, RoomId, Seq, SessionId, UserId};
 pub use text::{
     ClientMsgId, DisplayName, Email, Limits, MessageBody, Password, RoomName, Username,

@@ -30,6 +30,10 @@ pub struct Limits {
     pub attachment_max_bytes: u64,
     /// Seconds an upload may stay unattached to a message before it is removed.
     pub attachment_unattached_ttl_secs: u64,
+    /// Most distinct reactions (emoji) on one message.
+    pub reactions_per_message: usize,
+    /// Most user ids listed per reaction in a `message` (the count is exact).
+    pub reaction_users_shown: usize,
 }
 
 impl Default for Limits {
@@ -45,6 +49,8 @@ impl Default for Limits {
             name_max: 64,
             attachment_max_bytes: 25 * 1024 * 1024,
             attachment_unattached_ttl_secs: 86_400,
+            reactions_per_message: 20,
+            reaction_users_shown: 10,
         }
     }
 }

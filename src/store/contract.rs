@@ -31,12 +31,12 @@ pub async fn make_user(s: &Stores, prefix: &str) -> User {
 }
 
 fn msg(room: &RoomId, sender: &UserId, cmid: &str, body: &str) -> NewMessage {
-    NewMessage {
-        room_id: room.clone(),
-        sender_id: sender.clone(),
-        client_msg_id: ClientMsgId::from_trusted(cmid.into()),
-        body: MessageBody::from_trusted(body.into()),
-    }
+    NewMessage::plain(
+        room.clone(),
+        sender.clone(),
+        ClientMsgId::from_trusted(cmid.into()),
+        MessageBody::from_trusted(body.into()),
+    )
 }
 
 async fn append(s: &Stores, m: NewMessage) -> Result<Appended, StoreError> {
@@ -66,6 +66,7 @@ pub async fn run_all(s: &Stores) {
     room_summaries(s).await;
     admin_role_is_granted_and_revoked(s).await;
     s.health.ping().await.unwrap();
+    super::contract_lifecycle::run_all(s).await;
 }
 
 /// The admin role: off at registration, granted and revoked by username,

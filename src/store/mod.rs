@@ -11,6 +11,8 @@
 //! against every backend.
 
 pub mod contract;
+pub mod contract_lifecycle;
+pub mod lifecycle;
 pub mod mongo;
 pub mod sqlite;
 pub mod transfer;
@@ -19,6 +21,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
+
+pub use crate::blobs::Attachment;
+pub use lifecycle::{ChangeOutcome, MessageChange, Reaction};
 
 use crate::config::StoreConfig;
 use crate::domain::{ClientMsgId, Email, MessageBody, MessageId, RoomId, Seq, UserId, Username};
@@ -334,6 +339,46 @@ pub struct Message {
     pub body: MessageBody,
     #[schema(format = DateTime)]
     pub created_at: String,
+    /// The message this one answers (same room), or null.
+    #[schema(value_type = Option<String>)]
+    pub reply_to: Option<MessageId>,
+    /// Files sent with the message (none once deleted).
+    pub attachments: Vec<Attachment>,
+    /// When the body was last edited, or null.
+    #[schema(format = DateTime)]
+    pub edited_at: Option<String>,
+    /// A tombstone: body and attachments were erased.
+    pub deleted: bool,
+    /// Reactions in the order they were first put on.
+    pub reactions: Vec<Reaction>,
+}
+
+impl Message {
+    /// A freshly appended message: no edits, no reactions.
+    pub fn new_plain(
+        id: MessageId,
+        room_id: RoomId,
+        seq: Seq,
+        sender_id: UserId,
+        client_msg_id: ClientMsgId,
+        body: MessageBody,
+        created_at: String,
+    ) -> Self {
+        Self {
+            id,
+            room_id,
+            seq,
+            sender_id,
+            client_msg_id,
+            body,
+            created_at,
+            reply_to: None,
+            attachments: Vec::new(),
+            edited_at: None,
+            deleted: false,
+            reactions: Vec::new(),
+        }
+    }
 }
 
 /// Input of an append.
@@ -343,6 +388,29 @@ pub struct NewMessage {
     pub sender_id: UserId,
     pub client_msg_id: ClientMsgId,
     pub body: MessageBody,
+    /// Checked by the caller to name a message of the same room.
+    pub reply_to: Option<MessageId>,
+    /// Checked and bound by the caller ([`crate::blobs::check_attachable`]).
+    pub attachments: Vec<Attachment>,
+}
+
+impl NewMessage {
+    /// A plain message: no reply, no attachments.
+    pub fn plain(
+        room_id: RoomId,
+        sender_id: UserId,
+        client_msg_id: ClientMsgId,
+        body: MessageBody,
+    ) -> Self {
+        Self {
+            room_id,
+            sender_id,
+            client_msg_id,
+            body,
+            reply_to: None,
+            attachments: Vec::new(),
+        }
+    }
 }
 
 /// Result of an append: the stored message, and whether it was stored
@@ -376,8 +444,36 @@ pub trait MessageStore: Send + Sync {
         &self,
         batch: Vec<NewMessage>,
     ) -> Result<Vec<Result<Appended, StoreError>>, StoreError>;
-    /// History in ascending seq.
+    /// History in ascending seq, each message in its current state.
     async fn history(&self, room: &RoomId, q: HistoryQuery) -> Result<Vec<Message>, StoreError>;
+    /// One message of `room` by id, in its current state.
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError>;
+    /// Applies an edit, delete or reaction change atomically and stamps the
+    /// message with the room's next change number (nothing is written when
+    /// the change changes nothing). `NotFound` for an unknown message.
+    async fn change_message(
+        &self,
+        room: &RoomId,
+        id: &MessageId,
+        change: MessageChange,
+    ) -> Result<ChangeOutcome, StoreError>;
+    /// Messages of `room` changed after change number `after`, in change
+    /// order, at most `limit`, with the change number of each.
+    async fn changes_since(
+        &self,
+        room: &RoomId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Message)>, StoreError>;
+    /// The member's change cursor in `room` (0 when never set).
+    async fn change_cursor(&self, room: &RoomId, user: &UserId) -> Result<i64, StoreError>;
+    /// Moves the member's change cursor forward to `to` (never back).
+    async fn advance_change_cursor(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        to: i64,
+    ) -> Result<(), StoreError>;
 }
 
 /// Health of the store connection.

@@ -180,6 +180,10 @@ pub struct MessageRec {
     pub client_msg_id: ClientMsgId,
     pub body: MessageBody,
     pub created_at: String,
+    /// Lifecycle state: reply, attachments, edit, tombstone, reactions
+    /// (absent on a plain message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<crate::store::lifecycle::Extras>,
 }
 
 /// One user blocking another.

@@ -74,6 +74,8 @@ impl Server {
                 let mut c = Command::new(args.bin_dir.join("chatd"));
                 c.env("CHAT__HTTP__LISTEN", &listen)
                     .env("CHAT__STORE__SQLITE__PATH", dir.join("chat.db"))
+                    // `idle` spreads thousands of sockets over 100 users.
+                    .env("CHAT__WS__MAX_SOCKETS_PER_USER", "0")
                     .env(
                         "RUST_LOG",
                         std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),

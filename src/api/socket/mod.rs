@@ -2,12 +2,15 @@
 //! ([`super::socketio`]): decoding a client frame and the dispatcher that
 //! applies it, one file per frame kind ([`send`], [`receipts`] for
 //! `delivered`/`read`, [`typing`], [`sync`], [`ping`]), attaching a socket
-//! to its user's session, and the transport loops ([`transport`]).
+//! to its user's session, the transport loops ([`transport`]) and the
+//! write-bounded Socket.IO WebSocket upgrade ([`bounded_io`]).
 //!
 //! The outbound queue itself ([`crate::socket::SocketHandle`]) and the
 //! close codes live in the lower module `crate::socket`, which the actors
 //! use too.
 
+pub(crate) mod bounded_io;
+pub(crate) mod lifecycle;
 pub(crate) mod ping;
 pub(crate) mod receipts;
 pub(crate) mod send;
@@ -60,7 +63,17 @@ impl Ctx<'_> {
 }
 
 /// The frame types a client may send.
-const KINDS: [&str; 6] = ["send", "delivered", "read", "typing", "sync", "ping"];
+const KINDS: [&str; 9] = [
+    "send",
+    "delivered",
+    "read",
+    "typing",
+    "sync",
+    "ping",
+    "edit",
+    "delete",
+    "react",
+];
 
 /// Handles one text frame of a `/ws` client.
 pub(crate) async fn on_text(ctx: Ctx<'_>, text: &str) {
@@ -111,7 +124,54 @@ pub(crate) async fn dispatch(ctx: Ctx<'_>, frame: ClientFrame) {
             room_id,
             client_msg_id,
             body,
-        } => send::apply(ctx, &room_id, &client_msg_id, &body).await,
+            reply_to,
+            attachments,
+        } => {
+            let Some(body) = body.or_else(|| (!attachments.is_empty()).then(String::new)) else {
+                let reference = Some(client_msg_id.as_str()).filter(|c| !c.is_empty());
+                return ctx.error(
+                    "invalid_request",
+                    "invalid frame: missing field `body`",
+                    Some(reference.unwrap_or("send")),
+                );
+            };
+            send::apply(
+                ctx,
+                &room_id,
+                &client_msg_id,
+                &body,
+                reply_to.as_deref(),
+                &attachments,
+            )
+            .await
+        }
+        ClientFrame::Edit {
+            room_id,
+            message_id,
+            body,
+            reference,
+        } => {
+            let kind = lifecycle::Kind::Edit(&body);
+            lifecycle::apply(ctx, &room_id, &message_id, kind, reference.as_deref()).await
+        }
+        ClientFrame::Delete {
+            room_id,
+            message_id,
+            reference,
+        } => {
+            let kind = lifecycle::Kind::Delete;
+            lifecycle::apply(ctx, &room_id, &message_id, kind, reference.as_deref()).await
+        }
+        ClientFrame::React {
+            room_id,
+            message_id,
+            emoji,
+            on,
+            reference,
+        } => {
+            let kind = lifecycle::Kind::React(&emoji, on);
+            lifecycle::apply(ctx, &room_id, &message_id, kind, reference.as_deref()).await
+        }
         ClientFrame::Delivered { room_id, up_to_seq } => {
             receipts::apply(ctx, &room_id, up_to_seq, receipts::Kind::Delivered).await
         }

@@ -306,15 +306,16 @@ fn build(
             Plan::New(room, n) => match base.get(&room).copied().flatten() {
                 None => Err(StoreError::NotFound),
                 Some(b) => {
-                    let message = Message {
-                        id: MessageId::generate(),
-                        room_id: room,
-                        seq: b + n + 1,
-                        sender_id: m.sender_id.clone(),
-                        client_msg_id: m.client_msg_id.clone(),
-                        body: m.body.clone(),
-                        created_at: now.clone(),
-                    };
+                    let mut message = Message::new_plain(
+                        MessageId::generate(),
+                        room,
+                        b + n + 1,
+                        m.sender_id.clone(),
+                        m.client_msg_id.clone(),
+                        m.body.clone(),
+                        now.clone(),
+                    );
+                    crate::store::lifecycle::Extras::of_new(m).present(&mut message);
                     docs.push(MessageDoc::from(message.clone()));
                     Ok(Appended {
                         message,

@@ -4,6 +4,7 @@
 use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
 
+use super::super::lifecycle::Extras;
 use super::super::{Device, Member, Message, Role, Room, RoomKind, User};
 use crate::domain::{ClientMsgId, Email, MessageBody, MessageId, RoomId, Seq, UserId, Username};
 
@@ -88,24 +89,43 @@ pub struct MessageDoc {
     pub client_msg_id: ClientMsgId,
     pub body: MessageBody,
     pub created_at: String,
+    /// Lifecycle state (reply, attachments, edit, tombstone, reactions);
+    /// absent on a plain message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x: Option<Extras>,
+    /// The room's change number of the last change (absent if never changed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cs: Option<i64>,
 }
 
 impl From<MessageDoc> for Message {
     fn from(d: MessageDoc) -> Self {
-        Message {
-            id: d.id,
-            room_id: d.room_id,
-            seq: d.seq,
-            sender_id: d.sender_id,
-            client_msg_id: d.client_msg_id,
-            body: d.body,
-            created_at: d.created_at,
+        let mut m = Message::new_plain(
+            d.id,
+            d.room_id,
+            d.seq,
+            d.sender_id,
+            d.client_msg_id,
+            d.body,
+            d.created_at,
+        );
+        if let Some(x) = &d.x {
+            x.present(&mut m);
         }
+        m
     }
 }
 
 impl From<Message> for MessageDoc {
+    /// A new message's document (reactions are not carried: a new message has none).
     fn from(m: Message) -> Self {
+        let x = Extras {
+            reply_to: m.reply_to,
+            attachments: m.attachments,
+            edited_at: m.edited_at,
+            deleted: m.deleted,
+            reactions: Vec::new(),
+        };
         MessageDoc {
             id: m.id,
             room_id: m.room_id,
@@ -114,6 +134,8 @@ impl From<Message> for MessageDoc {
             client_msg_id: m.client_msg_id,
             body: m.body,
             created_at: m.created_at,
+            x: (!x.is_empty()).then_some(x),
+            cs: None,
         }
     }
 }
@@ -334,15 +356,15 @@ mod tests {
 
     #[test]
     fn messages_map_both_ways() {
-        let m = Message {
-            id: MessageId::from_trusted("m1"),
-            room_id: RoomId::from_trusted("r1"),
-            seq: 42,
-            sender_id: UserId::from_trusted("u1"),
-            client_msg_id: ClientMsgId::from_trusted("c-1".into()),
-            body: MessageBody::from_trusted("hé 👋".into()),
-            created_at: "t".into(),
-        };
+        let m = Message::new_plain(
+            MessageId::from_trusted("m1"),
+            RoomId::from_trusted("r1"),
+            42,
+            UserId::from_trusted("u1"),
+            ClientMsgId::from_trusted("c-1".into()),
+            MessageBody::from_trusted("hé 👋".into()),
+            "t".into(),
+        );
         let d = MessageDoc::from(m.clone());
         both_ways(
             &d,

@@ -147,6 +147,7 @@ fn message_rec(d: MessageDoc) -> Record {
         client_msg_id: d.client_msg_id,
         body: d.body,
         created_at: d.created_at,
+        x: d.x,
     })
 }
 
@@ -318,5 +319,7 @@ fn message_doc(m: MessageRec) -> MessageDoc {
         client_msg_id: m.client_msg_id,
         body: m.body,
         created_at: m.created_at,
+        x: m.x,
+        cs: None,
     }
 }

@@ -10,8 +10,11 @@ use super::append::AppendJob;
 use super::docs::MessageDoc;
 use super::errors::store_err;
 use super::MongoStore;
-use crate::domain::RoomId;
-use crate::store::{Appended, HistoryQuery, Message, MessageStore, NewMessage, StoreError};
+use crate::domain::{MessageId, RoomId, UserId};
+use crate::store::{
+    Appended, ChangeOutcome, HistoryQuery, Message, MessageChange, MessageStore, NewMessage,
+    StoreError,
+};
 
 #[async_trait]
 impl MessageStore for MongoStore {
@@ -57,5 +60,40 @@ impl MessageStore for MongoStore {
             out.reverse();
         }
         Ok(out)
+    }
+
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        self.lc_message(room, id).await
+    }
+
+    async fn change_message(
+        &self,
+        room: &RoomId,
+        id: &MessageId,
+        change: MessageChange,
+    ) -> Result<ChangeOutcome, StoreError> {
+        self.lc_change(room, id, change).await
+    }
+
+    async fn changes_since(
+        &self,
+        room: &RoomId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Message)>, StoreError> {
+        self.lc_changes_since(room, after, limit).await
+    }
+
+    async fn change_cursor(&self, room: &RoomId, user: &UserId) -> Result<i64, StoreError> {
+        self.lc_change_cursor(room, user).await
+    }
+
+    async fn advance_change_cursor(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        to: i64,
+    ) -> Result<(), StoreError> {
+        self.lc_advance_change_cursor(room, user, to).await
     }
 }

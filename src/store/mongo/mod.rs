@@ -22,6 +22,7 @@ mod auth;
 mod docs;
 mod dump;
 mod errors;
+mod lifecycle;
 mod messages;
 mod rooms;
 mod txn;
@@ -168,6 +169,7 @@ impl MongoStore {
 
         let fresh = check_meta(&c).await?;
         create_indexes(&c).await?;
+        lifecycle::create_indexes(&c).await?;
         if fresh {
             write_meta(&c).await?;
         }

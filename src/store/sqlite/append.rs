@@ -139,23 +139,31 @@ fn append_one(
                 params![slot.key, sender_key, enc_cmid(m.client_msg_id.as_str())],
                 |r| row_message(r, &m.room_id, slot.key),
             )?;
+        let mut message = message;
+        super::lifecycle::decorate(c, slot.key, std::slice::from_mut(&mut message))?;
         return Ok(Ok(Appended {
             message,
             duplicate: true,
         }));
     }
+    let extras = crate::store::lifecycle::Extras::of_new(&m);
+    super::lifecycle::insert_new(c, slot.key, seq, &extras)?;
     slot.next += 1;
     slot.dirty = true;
     let created_at = render_ms(now).unwrap_or_else(crate::domain::now_rfc3339);
     Ok(Ok(Appended {
-        message: Message {
-            id: MessageId::from_trusted(id),
-            room_id: m.room_id,
-            seq,
-            sender_id: m.sender_id,
-            client_msg_id: m.client_msg_id,
-            body: m.body,
-            created_at,
+        message: {
+            let mut message = Message::new_plain(
+                MessageId::from_trusted(id),
+                m.room_id,
+                seq,
+                m.sender_id,
+                m.client_msg_id,
+                m.body,
+                created_at,
+            );
+            extras.present(&mut message);
+            message
         },
         duplicate: false,
     }))

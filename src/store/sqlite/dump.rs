@@ -181,7 +181,8 @@ fn read_all(c: &Connection, tx: &RecordTx) -> Result<(), TransferError> {
     )?;
     // Room by room (in id order), each by seq: the primary key's order, no sort.
     let q = format!(
-        "SELECT {MSG_COLS} FROM messages m JOIN users u ON u.key = m.sender_key
+        "SELECT {MSG_COLS}, e.extras FROM messages m JOIN users u ON u.key = m.sender_key
+         LEFT JOIN message_extras e ON e.room_key = m.room_key AND e.seq = m.seq
          WHERE m.room_key = ?1 ORDER BY m.seq"
     );
     for (room, key) in &rooms {
@@ -195,6 +196,7 @@ fn read_all(c: &Connection, tx: &RecordTx) -> Result<(), TransferError> {
                 client_msg_id: m.client_msg_id,
                 body: m.body,
                 created_at: m.created_at,
+                x: super::lifecycle::extras_column(r, 6)?,
             }))
         })?;
     }
@@ -388,6 +390,9 @@ fn insert(c: &Connection, keys: &mut Keys, line: u64, r: Record) -> Result<(), T
                 ])
             })
             .map_err(sql)?;
+            if let Some(x) = &m.x {
+                super::lifecycle::insert_new(c, room_key, m.seq, x).map_err(sql)?;
+            }
         }
         Record::Block(b) => {
             c.prepare_cached(

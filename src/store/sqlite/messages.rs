@@ -18,15 +18,15 @@ pub(super) fn row_message(
     room_key: i64,
 ) -> rusqlite::Result<Message> {
     let seq: i64 = r.get(1)?;
-    Ok(Message {
-        id: MessageId::from_trusted(dec_id(r.get_ref(0)?, r.get_ref(5)?, room_key, seq)?),
-        room_id: room_id.clone(),
+    Ok(Message::new_plain(
+        MessageId::from_trusted(dec_id(r.get_ref(0)?, r.get_ref(5)?, room_key, seq)?),
+        room_id.clone(),
         seq,
-        sender_id: UserId::from_trusted(r.get::<_, String>(2)?),
-        client_msg_id: ClientMsgId::from_trusted(dec_cmid(r.get_ref(3)?)?),
-        body: MessageBody::from_trusted(r.get(4)?),
-        created_at: dec_time(r.get_ref(5)?)?,
-    })
+        UserId::from_trusted(r.get::<_, String>(2)?),
+        ClientMsgId::from_trusted(dec_cmid(r.get_ref(3)?)?),
+        MessageBody::from_trusted(r.get(4)?),
+        dec_time(r.get_ref(5)?)?,
+    ))
 }
 
 /// The key of a room, if it exists.
@@ -117,8 +117,44 @@ impl MessageStore for SqliteStore {
             if newest_first {
                 rows.reverse();
             }
+            super::lifecycle::decorate(c, key, &mut rows).map_err(sql_err)?;
             Ok(rows)
         })
         .await
+    }
+
+    async fn message(&self, room: &RoomId, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        self.lc_message(room, id).await
+    }
+
+    async fn change_message(
+        &self,
+        room: &RoomId,
+        id: &MessageId,
+        change: MessageChange,
+    ) -> Result<ChangeOutcome, StoreError> {
+        self.lc_change(room, id, change).await
+    }
+
+    async fn changes_since(
+        &self,
+        room: &RoomId,
+        after: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, Message)>, StoreError> {
+        self.lc_changes_since(room, after, limit).await
+    }
+
+    async fn change_cursor(&self, room: &RoomId, user: &UserId) -> Result<i64, StoreError> {
+        self.lc_change_cursor(room, user).await
+    }
+
+    async fn advance_change_cursor(
+        &self,
+        room: &RoomId,
+        user: &UserId,
+        to: i64,
+    ) -> Result<(), StoreError> {
+        self.lc_advance_change_cursor(room, user, to).await
     }
 }

@@ -19,6 +19,7 @@ mod append;
 mod auth;
 mod codec;
 mod dump;
+mod lifecycle;
 mod messages;
 mod migrate;
 mod rooms;

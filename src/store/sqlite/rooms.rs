@@ -195,6 +195,10 @@ impl RoomStore for SqliteStore {
                         .optional()
                     })
                     .map_err(sql_err)?;
+                let mut last_message = last_message;
+                if let Some(m) = last_message.as_mut() {
+                    super::lifecycle::decorate(c, key, std::slice::from_mut(m)).map_err(sql_err)?;
+                }
                 let unread: i64 = c
                     .prepare_cached(&format!(
                         "SELECT COUNT(*) FROM messages m WHERE m.room_key = ?1 AND m.seq > ?3

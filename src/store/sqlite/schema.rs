@@ -141,6 +141,8 @@ pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, 
             )));
         }
     };
+    // The lifecycle tables are additive: created whenever missing.
+    let done = done.and_then(|()| conn.execute_batch(super::lifecycle::SCHEMA));
     if let Err(e) = done {
         let _ = conn.execute_batch("ROLLBACK");
         return Err(sql_err(e));
