@@ -16,6 +16,7 @@ async fn sqlite_passes_the_store_contract() {
         .into_owned();
     let stores = store::open(&cfg).await.unwrap();
     store::contract::run_all(&stores).await;
+    store::contract_lifecycle::run_all(&stores).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,6 +79,7 @@ async fn mongodb_passes_the_store_contract() {
     let stores = store::open(&cfg).await.unwrap();
     assert_eq!(stores.health.backend(), "mongodb");
     store::contract::run_all(&stores).await;
+    store::contract_lifecycle::run_all(&stores).await;
     raw_db(&cfg).await.drop().await.unwrap();
 }
 

@@ -11,7 +11,9 @@
 
 use tokio::sync::oneshot;
 
-use super::room::RoomState;
+use super::audience::Audience;
+use super::Hub;
+use crate::domain::RoomId;
 use crate::domain::{Emoji, MessageBody, MessageId, UserId};
 use crate::protocol::ServerFrame;
 use crate::store::{ChangeOutcome, Message, MessageChange, Role, RoomKind, StoreError};
@@ -80,8 +82,16 @@ fn unavailable(e: StoreError) -> ChangeError {
 }
 
 /// Applies one change for `user` (called by the room actor with its state).
+/// What a change needs of its room actor's state.
+pub(super) struct Room<'a> {
+    pub hub: &'a Hub,
+    pub room_id: &'a RoomId,
+    pub kind: RoomKind,
+    pub audience: &'a Audience,
+}
+
 pub(super) async fn apply(
-    st: &RoomState,
+    st: &Room<'_>,
     user: UserId,
     message_id: MessageId,
     req: ChangeRequest,
@@ -91,7 +101,7 @@ pub(super) async fn apply(
     };
     let messages = &st.hub.stores.messages;
     let Some(current) = messages
-        .message(&st.room_id, &message_id)
+        .message(st.room_id, &message_id)
         .await
         .map_err(unavailable)?
     else {
@@ -130,7 +140,7 @@ pub(super) async fn apply(
         _ => Vec::new(),
     };
     match messages
-        .change_message(&st.room_id, &message_id, change)
+        .change_message(st.room_id, &message_id, change)
         .await
         .map_err(unavailable)?
     {
@@ -149,7 +159,7 @@ pub(super) async fn apply(
             } else {
                 hearing.into_owned()
             };
-            st.hub.deliver(&to, &st.room_id, None, None, &frame);
+            st.hub.deliver(&to, st.room_id, None, None, &frame);
             Ok(ChangeDone { message, erased })
         }
         ChangeOutcome::Unchanged(message) => Ok(ChangeDone {

@@ -11,6 +11,7 @@
 //! store, broker, the fan-out, the registries of live actors, and the
 //! cluster's node table and directory ([`crate::cluster`]).
 
+pub mod audience;
 pub mod bridge;
 pub mod fanout;
 pub mod keyed_sup;

@@ -10,7 +10,6 @@
 //! finishes its queue, the new actor starts a new one, and sessions restore
 //! per-room order by `seq` (filling any gap from the store).
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,13 +17,14 @@ use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 
+pub use super::audience::Audience;
 use super::keyed_sup::{Child, StopReason};
 use super::{fanout, ActorError, Hub};
 use crate::broker::NotifyJob;
 use crate::domain::{ClientMsgId, MessageBody, MessageId, RoomId, Seq, UserId};
 use crate::protocol::{ack_frame, error_frame, message_frame, ServerFrame};
 use crate::socket::SocketHandle;
-use crate::store::{Appended, CursorKind, Message, NewMessage, Role, RoomKind, StoreError};
+use crate::store::{Appended, CursorKind, Message, NewMessage, RoomKind, StoreError};
 
 /// Room actor.
 pub struct RoomActor;
@@ -110,41 +110,6 @@ pub struct RoomInfo {
     pub last_seq: Seq,
     pub cursors: Vec<crate::store::Member>,
     pub pipeline_queued: usize,
-}
-
-/// Who hears what in a room: members and the blocks among them.
-pub struct Audience {
-    pub members: HashMap<UserId, Role>,
-    /// (blocker, blocked) pairs among members.
-    pub blocks: HashSet<(UserId, UserId)>,
-    /// Every member, for the common case of a room without blocks.
-    all: Vec<UserId>,
-}
-
-impl Audience {
-    /// An audience from members and the blocks among them.
-    pub fn new(members: HashMap<UserId, Role>, blocks: HashSet<(UserId, UserId)>) -> Self {
-        let all = members.keys().cloned().collect();
-        Self {
-            members,
-            blocks,
-            all,
-        }
-    }
-
-    /// Members that should hear from `from` (not blocking it), `from` included.
-    pub fn hearing(&self, from: &UserId) -> std::borrow::Cow<'_, [UserId]> {
-        if self.blocks.is_empty() || !self.blocks.iter().any(|(_, blocked)| blocked == from) {
-            return std::borrow::Cow::Borrowed(&self.all);
-        }
-        std::borrow::Cow::Owned(
-            self.all
-                .iter()
-                .filter(|m| !self.blocks.contains(&((*m).clone(), from.clone())))
-                .cloned()
-                .collect(),
-        )
-    }
 }
 
 /// Actor state.
@@ -264,7 +229,13 @@ impl Actor for RoomActor {
                 if !st.audience.members.contains_key(&user) {
                     reload(st).await?;
                 }
-                let r = super::lifecycle::apply(st, user, message_id, change).await;
+                let room = super::lifecycle::Room {
+                    hub: &st.hub,
+                    room_id: &st.room_id,
+                    kind: st.kind,
+                    audience: &st.audience,
+                };
+                let r = super::lifecycle::apply(&room, user, message_id, change).await;
                 let _ = reply.send(r);
             }
             RoomMsg::Cursor {

@@ -66,7 +66,6 @@ pub async fn run_all(s: &Stores) {
     room_summaries(s).await;
     admin_role_is_granted_and_revoked(s).await;
     s.health.ping().await.unwrap();
-    super::contract_lifecycle::run_all(s).await;
 }
 
 /// The admin role: off at registration, granted and revoked by username,

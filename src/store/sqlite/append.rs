@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use rusqlite::{params, Connection, OptionalExtension};
 
 use super::codec::{derived_id, enc_cmid, enc_id, render_ms};
-use super::messages::{row_message, MSG_COLS};
+use super::rows::{row_message, MSG_COLS};
 use super::sql_err;
 use crate::store::*;
 

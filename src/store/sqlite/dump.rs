@@ -11,7 +11,7 @@ use rusqlite::types::Value;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, TransactionBehavior};
 
 use super::codec::{enc_cmid, enc_id, enc_time, parse_derived};
-use super::messages::{row_message, MSG_COLS};
+use super::rows::{row_message, MSG_COLS};
 use super::SqliteStore;
 use crate::domain::{Email, RoomId, UserId, Username};
 use crate::store::transfer::{

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::messages::{room_key, row_message, MSG_COLS};
+use super::rows::{room_key, row_message, MSG_COLS};
 use super::{sql_err, SqliteStore};
 use crate::store::lifecycle::{apply, Applied, Extras};
 use crate::store::*;

@@ -1,40 +1,12 @@
 //! [`MessageStore`] on SQLite: appends (see [`super::append`]) and history.
 
 use async_trait::async_trait;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 
-use super::codec::{dec_cmid, dec_id, dec_time, enc_id, parse_derived};
+use super::codec::{enc_id, parse_derived};
+use super::rows::{room_key, row_message, MSG_COLS};
 use super::{sql_err, SqliteStore};
 use crate::store::*;
-
-/// The columns [`row_message`] reads, from `messages m JOIN users u ON
-/// u.key = m.sender_key`.
-pub(super) const MSG_COLS: &str = "m.id, m.seq, u.id, m.client_msg_id, m.body, m.created_at";
-
-/// A message of the room `room_id` (whose key is `room_key`).
-pub(super) fn row_message(
-    r: &rusqlite::Row<'_>,
-    room_id: &RoomId,
-    room_key: i64,
-) -> rusqlite::Result<Message> {
-    let seq: i64 = r.get(1)?;
-    Ok(Message::new_plain(
-        MessageId::from_trusted(dec_id(r.get_ref(0)?, r.get_ref(5)?, room_key, seq)?),
-        room_id.clone(),
-        seq,
-        UserId::from_trusted(r.get::<_, String>(2)?),
-        ClientMsgId::from_trusted(dec_cmid(r.get_ref(3)?)?),
-        MessageBody::from_trusted(r.get(4)?),
-        dec_time(r.get_ref(5)?)?,
-    ))
-}
-
-/// The key of a room, if it exists.
-pub(super) fn room_key(c: &Connection, room: &RoomId) -> Result<Option<i64>, StoreError> {
-    c.prepare_cached("SELECT key FROM rooms WHERE id = ?1")
-        .and_then(|mut st| st.query_row([room.as_str()], |r| r.get(0)).optional())
-        .map_err(sql_err)
-}
 
 impl SqliteStore {
     /// One message of a room by its id, without scanning the room: a

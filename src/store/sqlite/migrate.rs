@@ -4,14 +4,13 @@
 use rusqlite::{params, Connection};
 
 use super::codec::{enc_cmid, enc_id, enc_time};
-use super::schema::SCHEMA;
 
 /// Version 1 → 2: users and rooms get an integer `key`; messages move to
 /// the compact table keyed `(room_key, seq)`. Every message keeps its id
 /// (stored, since it is not derivable), seq, sender, body, time and
 /// `client_msg_id` (so resends of old messages stay duplicates). Members,
 /// cursors, blocks, devices and tokens are not touched.
-pub(super) fn from_v1(c: &Connection) -> rusqlite::Result<()> {
+pub(super) fn from_v1(c: &Connection, schema: &str) -> rusqlite::Result<()> {
     // Renaming also renames the tables' automatic (UNIQUE) indexes, so the
     // new tables can take the old names.
     c.execute_batch(
@@ -19,7 +18,7 @@ pub(super) fn from_v1(c: &Connection) -> rusqlite::Result<()> {
          ALTER TABLE rooms RENAME TO rooms_v1;
          ALTER TABLE messages RENAME TO messages_v1;",
     )?;
-    c.execute_batch(SCHEMA)?;
+    c.execute_batch(schema)?;
     c.execute_batch(
         "INSERT INTO users(id, username, email, display_name, password_hash, created_at,
                            last_seen, notify_push, notify_email)

@@ -23,6 +23,7 @@ mod lifecycle;
 mod messages;
 mod migrate;
 mod rooms;
+mod rows;
 mod schema;
 mod users;
 mod writer;

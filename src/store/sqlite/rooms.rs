@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 
-use super::messages::{room_key, row_message, MSG_COLS};
+use super::rows::{room_key, row_message, MSG_COLS};
 use super::users::ids;
 use super::{sql_err, SqliteStore};
 use crate::domain::now_rfc3339;

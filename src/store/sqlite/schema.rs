@@ -131,7 +131,7 @@ pub(super) fn open_writer(path: &Path, synchronous: &str) -> Result<Connection, 
         }),
         Some("1") => {
             tracing::info!(path = %path.display(), "migrating the SQLite schema from version 1 to 2");
-            migrate::from_v1(&conn)
+            migrate::from_v1(&conn, SCHEMA)
         }
         Some(SCHEMA_VERSION) => Ok(()),
         Some(other) => {
