@@ -94,7 +94,13 @@ impl Application {
         Ok(Self {
             listener,
             addr,
-            state: AppState { hub, auth, blobs },
+            state: AppState {
+                stores: hub.stores.clone(),
+                settings: hub.settings.clone(),
+                hub,
+                auth,
+                blobs,
+            },
             root,
             root_handle,
             background,
@@ -139,12 +145,7 @@ impl Application {
         stop.cancel();
         tracing::info!("shutting down: draining room pipelines");
         // Rooms stop; their pipelines finish storing and acking what they accepted.
-        let room_sup = hub
-            .room_sup
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(r) = room_sup {
+        if let Some(r) = hub.rooms.supervisor() {
             r.stop_children(Some("shutdown".into()));
         }
         hub.rooms.clear();

@@ -258,18 +258,7 @@ impl<C: Child> Keyed<C> {
         }
     }
 
-    /// Compatibility for callers written against the old map: asks the
-    /// supervisor to drop the key's child if `pred` holds for it.
-    pub fn remove_if(&self, key: &C::Key, pred: impl FnOnce(&C::Key, &ActorRef<C::Msg>) -> bool) {
-        if let Some(a) = self.actor(key) {
-            if pred(key, &a) {
-                self.retire(key.clone(), a.get_id());
-            }
-        }
-    }
-
-    /// Compatibility for the shutdown sequence: the supervisor forgets
-    /// every child.
+    /// The supervisor forgets every child (shutdown: they are stopping).
     pub fn clear(&self) {
         if let Some(sup) = self.supervisor() {
             let _ = sup.cast(SupMsg::Clear);

@@ -21,7 +21,7 @@ pub mod root;
 pub mod session;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
 use ractor::ActorRef;
@@ -65,8 +65,6 @@ pub struct Hub {
     pub shutdown: CancellationToken,
     /// Room pipelines in flight; shutdown waits for them.
     pub pipelines: TaskTracker,
-    /// The room supervisor (the shutdown sequence stops its children).
-    pub(crate) room_sup: RwLock<Option<ActorRef<keyed_sup::SupMsg<room::RoomChild>>>>,
     pub(crate) broker_down: AtomicBool,
     /// Admin session queries waiting for other nodes' reports.
     pub admin_queries:
@@ -108,7 +106,6 @@ impl Hub {
             nodes: NodeTable::default(),
             shutdown: CancellationToken::new(),
             pipelines: TaskTracker::new(),
-            room_sup: RwLock::new(None),
             broker_down: AtomicBool::new(false),
             admin_queries: DashMap::new(),
             root: OnceLock::new(),

@@ -62,7 +62,6 @@ async fn start_child(
                 root.get_cell(),
             )
             .await?;
-            *hub.room_sup.write().unwrap_or_else(|e| e.into_inner()) = Some(a.clone());
             a.get_cell()
         }
         Child::Bridge => {

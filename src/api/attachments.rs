@@ -100,7 +100,7 @@ async fn upload(
 ) -> ApiResult<(StatusCode, Json<Attachment>)> {
     let room = RoomId::parse(&id).map_err(|_| Error::NotFound("no such room".into()))?;
     require_member(&st, &room, &user.id).await?;
-    let max = st.hub.settings.limits.attachment_max_bytes;
+    let max = st.settings.limits.attachment_max_bytes;
     // A declared length over the limit is refused before reading anything.
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -146,7 +146,7 @@ async fn may_read(st: &AppState, meta: &BlobMeta, user: &UserId) -> ApiResult<()
             "only the uploader may read an attachment not yet posted".into(),
         ));
     };
-    match st.hub.stores.rooms.room(&at.room_id).await? {
+    match st.stores.rooms.room(&at.room_id).await? {
         Some(room) if room.member(user).is_some() => Ok(()),
         _ => Err(Error::not_member()),
     }

@@ -78,7 +78,7 @@ async fn register(
     State(st): State<AppState>,
     Json(b): Json<RegisterBody>,
 ) -> ApiResult<(StatusCode, Json<Session>)> {
-    let limits = &st.hub.settings.limits;
+    let limits = &st.settings.limits;
     let username = Username::parse(&b.username, limits)?;
     let email = Email::parse(&b.email)?;
     let password = Password::parse(&b.password, limits)?;
@@ -129,7 +129,7 @@ async fn login(
     let ip = Some(peer.ip());
     // Count against the account the login names (its username and e-mail
     // are one account), or against the text when it names none.
-    let found = st.hub.stores.users.credentials(&b.login).await?;
+    let found = st.stores.users.credentials(&b.login).await?;
     let account = LoginLimiter::account_key(found.as_ref().map(|(u, _)| &u.id), &b.login);
     if let Some(wait) = st.auth.limiter().check(&account, ip) {
         return Err(Error::RateLimited(wait));
@@ -183,7 +183,7 @@ async fn refresh(
         .await?
     {
         RotateOutcome::Rotated(user_id) => {
-            let user = st.hub.stores.users.user(&user_id).await?.ok_or_else(|| {
+            let user = st.stores.users.user(&user_id).await?.ok_or_else(|| {
                 Error::Unauthorized("invalid_refresh_token", "user no longer exists".into())
             })?;
             Ok(Json(Session {
@@ -223,6 +223,6 @@ async fn logout(
     Json(b): Json<RefreshBody>,
 ) -> ApiResult<StatusCode> {
     let hash = crate::auth::AuthService::hash_refresh(&b.refresh_token);
-    st.hub.stores.auth.revoke_refresh(&hash).await?;
+    st.stores.auth.revoke_refresh(&hash).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -34,7 +34,7 @@ async fn healthz() -> Json<serde_json::Value> {
         (status = 503, description = "`unavailable`: store or broker not reachable", body = ErrorBody),
     ))]
 async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
-    let store = st.hub.stores.health.ping().await;
+    let store = st.stores.health.ping().await;
     let broker = st.hub.broker.is_ready();
     if let Err(e) = &store {
         return Err(Error::Unavailable(format!("store not reachable: {e}")));
@@ -45,7 +45,7 @@ async fn readyz(State(st): State<AppState>) -> Result<Json<serde_json::Value>, E
     Ok(Json(json!({
         "status": "ready",
         "node_id": st.hub.node_id,
-        "store": st.hub.stores.health.backend(),
+        "store": st.stores.health.backend(),
         "broker": st.hub.broker.kind(),
     })))
 }

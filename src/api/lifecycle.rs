@@ -52,7 +52,7 @@ pub(crate) async fn prepare_send(
     reply_to: Option<&str>,
     attachments: &[String],
 ) -> ApiResult<SendExtras> {
-    let limits = &st.hub.settings.limits;
+    let limits = &st.settings.limits;
     let body = if !attachments.is_empty() && body.trim().is_empty() {
         MessageBody::from_trusted(String::new())
     } else {
@@ -68,7 +68,7 @@ pub(crate) async fn prepare_send(
         Some(r) => {
             let id = MessageId::parse(r)
                 .map_err(|_| Error::bad("reply_to names no message of this room"))?;
-            if st.hub.stores.messages.message(room, &id).await?.is_none() {
+            if st.stores.messages.message(room, &id).await?.is_none() {
                 return Err(Error::bad("reply_to names no message of this room"));
             }
             Some(id)
@@ -201,7 +201,7 @@ async fn edit(
     Path((id, message_id)): Path<(String, String)>,
     Json(b): Json<EditBody>,
 ) -> ApiResult<Json<Message>> {
-    let body = MessageBody::parse(&b.body, &st.hub.settings.limits)?;
+    let body = MessageBody::parse(&b.body, &st.settings.limits)?;
     let done = change(&st, &user.id, &id, &message_id, ChangeRequest::Edit(body)).await?;
     Ok(Json(done.message))
 }

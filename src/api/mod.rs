@@ -39,7 +39,12 @@ use crate::auth::{AuthService, AuthUser};
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
+    /// The actor side of the node (rooms, sessions, cluster operations).
     pub hub: Arc<Hub>,
+    /// The store, for handlers that only read or write data.
+    pub stores: crate::store::Stores,
+    /// The node's settings.
+    pub settings: Arc<crate::config::Settings>,
     pub auth: Arc<AuthService>,
     /// Attachment bytes and metadata.
     pub blobs: Arc<dyn crate::blobs::BlobStore>,
@@ -128,7 +133,7 @@ impl FromRequestParts<AppState> for AdminUser {
         let user = AuthUser::from_request_parts(parts, state).await?;
         // The role is read from the store on every admin call, so a grant
         // or revoke takes effect at once on every node.
-        let stored = state.hub.stores.users.user(&user.id).await?;
+        let stored = state.stores.users.user(&user.id).await?;
         if !stored.is_some_and(|u| u.admin) {
             return Err(Error::Forbidden("admin role required".into()));
         }
@@ -236,7 +241,7 @@ async fn openapi_json() -> Result<impl IntoResponse, Error> {
 
 /// The whole application router.
 pub fn router(state: AppState) -> Router {
-    let max_body = state.hub.settings.http.max_body_bytes;
+    let max_body = state.settings.http.max_body_bytes;
     let (routes, _) = routes().split_for_parts();
     // One registry for the node's `/ws` and Socket.IO sockets (per-user cap).
     let sockets = crate::socket::SocketRegistry::new();

@@ -151,7 +151,7 @@ async fn create(
             Ok((status, Json(room)))
         }
         CreateBody::Group { name, members } => {
-            let limits = &st.hub.settings.limits;
+            let limits = &st.settings.limits;
             let name = RoomName::parse(&name, limits)?;
             let mut seen = HashSet::new();
             let mut ids = Vec::new();
@@ -200,7 +200,7 @@ struct Rooms {
     ))]
 async fn list(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Rooms>> {
     Ok(Json(Rooms {
-        rooms: st.hub.stores.rooms.rooms_for_user(&user.id).await?,
+        rooms: st.stores.rooms.rooms_for_user(&user.id).await?,
     }))
 }
 
@@ -265,7 +265,7 @@ async fn add_member(
     if room.member(&target).is_some() {
         return Ok(StatusCode::NO_CONTENT);
     }
-    if room.members.len() >= st.hub.settings.limits.group_max_members {
+    if room.members.len() >= st.settings.limits.group_max_members {
         return Err(Error::BadRequest {
             code: "too_many_members",
             message: "the room is full".into(),
@@ -324,7 +324,7 @@ async fn remove_member(
     if !leaving && (!can_manage(&room, &user.id) || t.role == Role::Owner) {
         return Err(Error::Forbidden("you may not remove this member".into()));
     }
-    st.hub.stores.rooms.remove_member(&room.id, &target).await?;
+    st.stores.rooms.remove_member(&room.id, &target).await?;
     st.hub.apply_room_changed(&room.id, true).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -444,7 +444,7 @@ async fn send(
     Path(id): Path<String>,
     Json(b): Json<SendBody>,
 ) -> ApiResult<(StatusCode, Json<Message>)> {
-    let limits = &st.hub.settings.limits;
+    let limits = &st.settings.limits;
     let room = room_id(&id)?;
     let client_msg_id = ClientMsgId::parse(&b.client_msg_id, limits)?;
     let x = super::lifecycle::prepare_send(

@@ -82,8 +82,8 @@ type Sock = Arc<Socket<LocalAdapter>>;
 /// The Socket.IO layer; mount it on the application router. `registry`
 /// counts this node's sockets (with `/ws`) under the per-user cap.
 pub fn layer(st: AppState, registry: Arc<SocketRegistry>) -> SioLayer {
-    let ws = &st.hub.settings.ws;
-    let sio = &st.hub.settings.socketio;
+    let ws = &st.settings.ws;
+    let sio = &st.settings.socketio;
     let pumps = TaskTracker::new();
     let (layer, io) = SocketIo::builder()
         .ping_interval(Duration::from_millis(sio.ping_interval_ms.max(1)))
@@ -172,11 +172,11 @@ async fn authenticate(
         .verify_access(&token)
         .map_err(|_| Refused("unauthorized: invalid or expired access token"))?;
     let guard = registry
-        .admit(&user.id, st.hub.settings.ws.max_sockets_per_user)
+        .admit(&user.id, st.settings.ws.max_sockets_per_user)
         .map_err(|_| {
             Refused("too_many_sockets: this user holds the most sockets allowed on this node")
         })?;
-    let (handle, inbox) = SocketHandle::new(user.id.clone(), st.hub.settings.ws.outbound_queue);
+    let (handle, inbox) = SocketHandle::new(user.id.clone(), st.settings.ws.outbound_queue);
     let (tx, events) = mpsc::channel(INBOUND_QUEUE);
     s.on_fallback(Enqueue {
         tx,
@@ -224,7 +224,7 @@ async fn on_connect(
     else {
         return;
     };
-    let limits = WriteLimits::of(&st.hub.settings.ws);
+    let limits = WriteLimits::of(&st.settings.ws);
     let pump = pumps.spawn(run_pump(s.clone(), conn.clone(), inbox, limits));
     if let Err(e) = socket::attach(&st, &conn.handle).await {
         tracing::warn!(error = %e, "could not attach Socket.IO socket");
@@ -389,7 +389,7 @@ async fn on_event(st: &AppState, s: &Sock, conn: &Conn, limits: WriteLimits, m: 
     };
     match (&frame, ack_id) {
         (ClientFrame::Send { client_msg_id, .. }, Some(id)) => {
-            match ClientMsgId::parse(client_msg_id, &st.hub.settings.limits) {
+            match ClientMsgId::parse(client_msg_id, &st.settings.limits) {
                 Ok(c) => {
                     conn.pending
                         .lock()

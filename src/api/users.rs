@@ -129,11 +129,11 @@ async fn search(
     if prefix.is_empty() {
         return Err(Error::bad("q (a username prefix) is required"));
     }
-    if prefix.chars().count() > st.hub.settings.limits.username_max {
+    if prefix.chars().count() > st.settings.limits.username_max {
         return Ok(Json(Users { users: Vec::new() }));
     }
     let limit = q.limit.unwrap_or(20).clamp(1, 50);
-    let users = st.hub.stores.users.search_users(prefix, limit).await?;
+    let users = st.stores.users.search_users(prefix, limit).await?;
     Ok(Json(Users {
         users: users
             .into_iter()
@@ -209,7 +209,7 @@ struct Devices {
         (status = 401, description = "`unauthorized`", body = ErrorBody),
     ))]
 async fn list_devices(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Devices>> {
-    let devices = st.hub.stores.users.devices(&user.id).await?;
+    let devices = st.stores.users.devices(&user.id).await?;
     Ok(Json(Devices {
         devices: devices
             .into_iter()
@@ -234,7 +234,7 @@ async fn delete_device(
     user: AuthUser,
     Path(token): Path<String>,
 ) -> ApiResult<StatusCode> {
-    st.hub.stores.users.delete_device(&user.id, &token).await?;
+    st.stores.users.delete_device(&user.id, &token).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -269,9 +269,7 @@ async fn get_settings(
     State(st): State<AppState>,
     user: AuthUser,
 ) -> ApiResult<Json<NotificationSettings>> {
-    Ok(Json(
-        st.hub.stores.users.notification_settings(&user.id).await?,
-    ))
+    Ok(Json(st.stores.users.notification_settings(&user.id).await?))
 }
 
 /// The users the caller blocks.
@@ -281,10 +279,10 @@ async fn get_settings(
         (status = 401, description = "`unauthorized`", body = ErrorBody),
     ))]
 async fn list_blocks(State(st): State<AppState>, user: AuthUser) -> ApiResult<Json<Users>> {
-    let ids = st.hub.stores.users.blocked_by(&user.id).await?;
+    let ids = st.stores.users.blocked_by(&user.id).await?;
     let mut users = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(u) = st.hub.stores.users.user(&id).await? {
+        if let Some(u) = st.stores.users.user(&id).await? {
             users.push(PublicProfile::of(&st, u));
         }
     }
@@ -312,10 +310,10 @@ async fn block(
             message: "you cannot block yourself".into(),
         });
     }
-    if st.hub.stores.users.user(&target).await?.is_none() {
+    if st.stores.users.user(&target).await?.is_none() {
         return Err(Error::NotFound("no such user".into()));
     }
-    st.hub.stores.users.block(&user.id, &target).await?;
+    st.stores.users.block(&user.id, &target).await?;
     st.hub.apply_blocks_changed(&user.id, true).await;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -334,7 +332,7 @@ async fn unblock(
     Path(target): Path<String>,
 ) -> ApiResult<StatusCode> {
     let target = parse_user_id(&target)?;
-    st.hub.stores.users.unblock(&user.id, &target).await?;
+    st.stores.users.unblock(&user.id, &target).await?;
     st.hub.apply_blocks_changed(&user.id, true).await;
     Ok(StatusCode::NO_CONTENT)
 }

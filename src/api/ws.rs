@@ -51,7 +51,7 @@ async fn upgrade(
     let user = st.auth.verify_access(&token).map_err(|_| {
         Error::Unauthorized("unauthorized", "invalid or expired access token".into())
     })?;
-    let cfg = &st.hub.settings.ws;
+    let cfg = &st.settings.ws;
     // Small, explicit buffers: tungstenite holds at most this much of a
     // socket's output; beyond it writes wait (and time out) instead of
     // growing memory. A whole frame must fit, so the cap is at least one.
@@ -68,7 +68,7 @@ async fn upgrade(
 }
 
 async fn run(st: AppState, registry: Arc<SocketRegistry>, user: AuthUser, socket: WebSocket) {
-    let cfg = &st.hub.settings.ws;
+    let cfg = &st.settings.ws;
     let limits = WriteLimits::of(cfg);
     let (sink, mut stream) = socket.split();
     let mut out = WsOutlet(sink);

@@ -25,7 +25,7 @@ pub(crate) async fn apply(
     reference: Option<&str>,
 ) {
     let (name, req) = match kind {
-        Kind::Edit(body) => match MessageBody::parse(body, &ctx.st.hub.settings.limits) {
+        Kind::Edit(body) => match MessageBody::parse(body, &ctx.st.settings.limits) {
             Ok(b) => ("edit", ChangeRequest::Edit(b)),
             Err(e) => return ctx.parse_error(e, Some(reference.unwrap_or("edit"))),
         },

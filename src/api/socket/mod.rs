@@ -202,9 +202,9 @@ pub(crate) async fn attach(st: &AppState, handle: &SocketHandle) -> Result<(), A
         {
             Ok(ractor::rpc::CallResult::Success(())) => return Ok(()),
             _ => {
-                st.hub.sessions.remove_if(&handle.user_id, |_, v| {
-                    v.get_id() == s.get_id() && !is_alive(v)
-                });
+                if !is_alive(&s) {
+                    st.hub.sessions.retire(handle.user_id.clone(), s.get_id());
+                }
                 continue;
             }
         }

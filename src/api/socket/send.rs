@@ -21,7 +21,7 @@ pub(crate) async fn apply(
     reply_to: Option<&str>,
     attachments: &[String],
 ) {
-    let limits = &ctx.st.hub.settings.limits;
+    let limits = &ctx.st.settings.limits;
     let cmid = match ClientMsgId::parse(client_msg_id, limits) {
         Ok(c) => c,
         Err(e) => return ctx.parse_error(e, Some("send")),

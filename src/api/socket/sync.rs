@@ -15,7 +15,7 @@ pub(crate) async fn apply(ctx: Ctx<'_>, room_id: &str, after: i64, limit: Option
     };
     let limit = limit.unwrap_or(100).clamp(1, 1000);
     let st = ctx.st;
-    let r = match st.hub.stores.rooms.room(&room).await {
+    let r = match st.stores.rooms.room(&room).await {
         Ok(r) => r,
         Err(_) => return ctx.error("unavailable", UNAVAILABLE, Some("sync")),
     };
@@ -32,7 +32,7 @@ pub(crate) async fn apply(ctx: Ctx<'_>, room_id: &str, after: i64, limit: Option
                 after: Some(after.max(0)),
                 limit,
             };
-            let Ok(msgs) = st.hub.stores.messages.history(&room, q).await else {
+            let Ok(msgs) = st.stores.messages.history(&room, q).await else {
                 return ctx.error("unavailable", UNAVAILABLE, Some("sync"));
             };
             let Ok(msgs) = crate::api::rooms::visible(st, &ctx.user.id, msgs).await else {
