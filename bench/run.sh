@@ -2,10 +2,12 @@
 # One command for the whole benchmark (issue 7):
 #   builds chatd, bench-relay and chat-bench in release, installs the Node relay's
 #   dependencies, raises the open-file limit, then runs `chat-bench --suite`, which
-#   starts chatd, the Rust relay and the Node relay one after the other and drives each
+#   starts chatd, the durable Rust relay (SQLite group commit), the Rust relay and the
+#   Node relay one after the other and drives each
 #   with the same scenarios.
 #
-# Usage: bench/run.sh [--write] [--profile quick] [--servers chatd,relay,node] [other chat-bench flags]
+# Usage: bench/run.sh [--write] [--profile quick] [--servers chatd,relay-durable,relay,node]
+#                     [--only direct-10,fanout,idle] [other chat-bench flags]
 #
 # Where the results go:
 #   default   target/bench/: results.json, logs/, table.md, BENCHMARKS.png and a copy of
@@ -18,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 write=0
+only=0
 profile=full
 args=()
 while [ $# -gt 0 ]; do
@@ -25,10 +28,15 @@ while [ $# -gt 0 ]; do
     --write) write=1 ;;
     --profile) profile=${2:-}; args+=("$1" "${2:-}"); shift ;;
     --profile=*) profile=${1#--profile=}; args+=("$1") ;;
+    --only|--only=*) only=1; args+=("$1"); [ "$1" = --only ] && { args+=("${2:-}"); shift; } ;;
     *) args+=("$1") ;;
   esac
   shift
 done
+if [ "$write" = 1 ] && [ "$only" = 1 ]; then
+  echo "bench/run.sh: --write needs every case; drop --only (or --write)" >&2
+  exit 2
+fi
 if [ "$write" = 1 ] && [ "$profile" != full ]; then
   echo "bench/run.sh: --write only with the full profile (got --profile $profile); drop --write to write into target/bench/" >&2
   exit 2

@@ -88,6 +88,10 @@ pub struct Args {
     /// Server process id: its RSS (idle) and CPU time are read from /proc
     #[arg(long)]
     pub server_pid: Option<u32>,
+    /// After a message run, wait this long with the sockets closed, then read the server's
+    /// RSS and RssAnon (the memory check of issue 14: 10s)
+    #[arg(long, value_parser = parse_duration)]
+    pub settle: Option<Duration>,
     /// Ping period of each idle connection
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub ping_interval: Duration,
@@ -114,8 +118,16 @@ pub struct Args {
     /// Suite size: full, or quick (shorter runs, for trying the suite out)
     #[arg(long, default_value = "full")]
     pub profile: String,
+    /// Run only these suite cases: a full name (`direct-10`) or a family (`sweep`,
+    /// `idle`, `fanout`); default: every case
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Servers the suite runs, in order
-    #[arg(long, value_delimiter = ',', default_value = "chatd,relay,node")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "chatd,relay-durable,relay,node"
+    )]
     pub servers: Vec<String>,
     #[arg(long, default_value = "target/release")]
     pub bin_dir: PathBuf,

@@ -102,6 +102,11 @@ pub struct Report {
     pub first_close: Option<String>,
     pub client_cpu_pct: Option<f64>,
     pub server_cpu_pct: Option<f64>,
+    /// Server VmRSS and RssAnon (KiB) at the end of a message run, after --settle.
+    #[serde(default)]
+    pub server_rss_kib: Option<u64>,
+    #[serde(default)]
+    pub server_rss_anon_kib: Option<u64>,
     /// CPU used by other processes on the machine during the run (noise).
     #[serde(default)]
     pub background_cpu_pct: Option<f64>,
@@ -251,6 +256,20 @@ pub fn human(r: &Report) -> String {
             pct(r.server_cpu_pct)
         ),
     );
+    if r.server_rss_anon_kib.is_some() {
+        let mib = |v: Option<u64>| {
+            v.map(|v| format!("{:.1} MiB", v as f64 / 1024.0))
+                .unwrap_or("-".into())
+        };
+        line(
+            "server memory at end",
+            format!(
+                "RssAnon {}, VmRSS {}",
+                mib(r.server_rss_anon_kib),
+                mib(r.server_rss_kib)
+            ),
+        );
+    }
     line(
         "setup",
         format!(

@@ -210,5 +210,13 @@ async fn run_messages(args: &Args, target: &str) -> Result<Report> {
     r.delivered_per_sec = delivered_window as f64 / secs;
     r.e2e = Latency::from_hist(&e2e);
     r.ack = Latency::from_hist(&ack);
+    drop(res);
+    if let Some(pid) = args.server_pid {
+        if let Some(d) = args.settle {
+            tokio::time::sleep(d).await;
+        }
+        r.server_rss_kib = crate::procfs::rss_kib(pid);
+        r.server_rss_anon_kib = crate::procfs::rss_anon_kib(pid);
+    }
     Ok(r)
 }

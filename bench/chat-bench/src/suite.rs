@@ -44,6 +44,7 @@ fn display_name(server: &str) -> &str {
     match server {
         "chatd" => "chatd",
         "relay" => "Rust relay",
+        "relay-durable" => "durable relay",
         "node" => "Node relay",
         other => other,
     }
@@ -88,12 +89,24 @@ impl Server {
                 c.arg(&listen);
                 c
             }
+            "relay-durable" => {
+                // The issue-14 baseline: the same relay, SQLite group commit
+                // (WAL, synchronous=FULL) before every ack and delivery.
+                let dir =
+                    std::env::temp_dir().join(format!("chat-bench-{}-{port}", std::process::id()));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir)?;
+                let mut c = Command::new(args.bin_dir.join("bench-relay"));
+                c.arg("--durable").arg(dir.join("relay.db")).arg(&listen);
+                tmp = Some(dir);
+                c
+            }
             "node" => {
                 let mut c = Command::new("node");
                 c.arg(args.node_relay_dir.join("server.js")).arg(&listen);
                 c
             }
-            other => bail!("unknown server {other:?} (chatd, relay, node)"),
+            other => bail!("unknown server {other:?} (chatd, relay-durable, relay, node)"),
         };
         let child = cmd
             .stdin(Stdio::null())
@@ -288,6 +301,10 @@ pub async fn run(args: &Args) -> Result<()> {
     // on a shared machine, rather than one of them getting all of a noisy period.
     let mut saturated: BTreeMap<String, bool> = BTreeMap::new();
     for case in cases(args, quick, nofile) {
+        let picked = |p: &String| case.name == *p || case.name.starts_with(&format!("{p}-"));
+        if !args.only.is_empty() && !args.only.iter().any(picked) {
+            continue;
+        }
         eprintln!("=== {} ===", case.name);
         for server in &args.servers {
             let saturated = saturated.entry(server.clone()).or_default();
@@ -505,14 +522,14 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
     );
     let labels = labels(r);
     let has = |l: &str| labels.iter().any(|x| x == l);
-    let (c, rr, nr) = ("chatd", "Rust relay", "Node relay");
+    let (c, dr, rr, nr) = ("chatd", "durable relay", "Rust relay", "Node relay");
 
     // Headline table.
     let _ = writeln!(
         o,
-        "| scenario | metric | {c} | {rr} | {nr} | chatd / Rust relay | chatd / Node relay |"
+        "| scenario | metric | {c} | {dr} | {rr} | {nr} | chatd / durable relay | chatd / Rust relay | chatd / Node relay |"
     );
-    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(o, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     type Get = fn(&Report) -> Option<f64>;
     let rows: Vec<(String, &str, &str, Get, bool)> = {
         let mut rows: Vec<(String, &str, &str, Get, bool)> = Vec::new();
@@ -564,10 +581,16 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
         };
         let _ = writeln!(
             o,
-            "| {title} | {metric} | {} | {} | {} | {} | {} |",
+            "| {title} | {metric} | {} | {} | {} | {} | {} | {} | {} |",
             fmt(v(c)),
+            fmt(v(dr)),
             fmt(v(rr)),
             fmt(v(nr)),
+            if has(c) && has(dr) {
+                ratio(v(c), v(dr))
+            } else {
+                "–".into()
+            },
             if has(c) && has(rr) {
                 ratio(v(c), v(rr))
             } else {
@@ -595,14 +618,17 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
     };
     let _ = writeln!(
         o,
-        "| idle, {} connections, ping every 5 s | server RSS per connection (KiB) | {}{} | {}{} | {}{} | {} | {} |",
+        "| idle, {} connections, ping every 5 s | server RSS per connection (KiB) | {}{} | {}{} | {}{} | {}{} | {} | {} | {} |",
         idle_case.trim_start_matches("idle-"),
         ms(kib(c)),
         held(c),
+        ms(kib(dr)),
+        held(dr),
         ms(kib(rr)),
         held(rr),
         ms(kib(nr)),
         held(nr),
+        ratio(kib(c), kib(dr)),
         ratio(kib(c), kib(rr)),
         ratio(kib(c), kib(nr)),
     );
@@ -639,8 +665,9 @@ fn markdown(r: &SuiteResults, chart_path: &Path) -> String {
     };
     let _ = writeln!(
         o,
-        "| every run | lost messages (acked, never delivered) | {} | {} | {} | | |\n",
+        "| every run | lost messages (acked, never delivered) | {} | {} | {} | {} | | | |\n",
         lost(c),
+        lost(dr),
         lost(rr),
         lost(nr)
     );

@@ -12,7 +12,14 @@
 //!
 //! The WebSocket read buffer is 4 KiB, as chatd's should be.
 //!
-//! Usage: `bench-relay [LISTEN_ADDR]` (default `127.0.0.1:9101`, or `$RELAY_LISTEN`).
+//! With `--durable PATH` (or `$RELAY_DURABLE=PATH`) it is the durable baseline of issue 14:
+//! every `send` is queued to one SQLite writer thread (WAL, `synchronous = FULL`), which
+//! commits whatever is queued as one transaction and only then acks and forwards each
+//! message of the batch. That is what "a relay that group-commits to SQLite before
+//! acking" means in BENCHMARKS.md ("relay-durable" in the suite).
+//!
+//! Usage: `bench-relay [--durable PATH] [LISTEN_ADDR]` (default `127.0.0.1:9101`, or
+//! `$RELAY_LISTEN`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -47,17 +54,132 @@ struct State {
     rooms: DashMap<Arc<str>, Arc<Room>>,
     direct: DashMap<(Arc<str>, Arc<str>), Arc<str>>,
     conns: DashMap<Arc<str>, Vec<(u64, Tx)>>,
+    /// The SQLite writer's queue, in durable mode.
+    durable: Option<std::sync::mpsc::Sender<Job>>,
+}
+
+/// One `send` waiting for the group commit: the row to store, then what to do after.
+struct Job {
+    room_id: String,
+    seq: u64,
+    id: String,
+    sender_id: Arc<str>,
+    client_msg_id: String,
+    body: String,
+    created_at: String,
+    /// The sender's socket, for the ack.
+    tx: Tx,
+    conn_id: u64,
+    ack: Message,
+    out: Message,
+    room: Arc<Room>,
+}
+
+/// Opens the database (WAL, `synchronous = FULL`) and starts the writer thread.
+fn start_writer(
+    path: &str,
+    state: Arc<std::sync::OnceLock<Arc<State>>>,
+) -> anyhow::Result<std::sync::mpsc::Sender<Job>> {
+    let conn = rusqlite::Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS messages (
+            room_id TEXT NOT NULL, seq INTEGER NOT NULL, id TEXT NOT NULL,
+            sender_id TEXT NOT NULL, client_msg_id TEXT NOT NULL, body TEXT NOT NULL,
+            created_at TEXT NOT NULL, PRIMARY KEY (room_id, seq))",
+    )?;
+    let (qtx, qrx) = std::sync::mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("sqlite-writer".into())
+        .spawn(move || {
+            let mut conn = conn;
+            let mut batch: Vec<Job> = Vec::with_capacity(4096);
+            while let Ok(first) = qrx.recv() {
+                batch.push(first);
+                while batch.len() < 4096 {
+                    match qrx.try_recv() {
+                        Ok(j) => batch.push(j),
+                        Err(_) => break,
+                    }
+                }
+                let commit = (|| -> rusqlite::Result<()> {
+                    let t = conn.transaction()?;
+                    {
+                        let mut st = t.prepare_cached(
+                            "INSERT INTO messages (room_id, seq, id, sender_id, client_msg_id, body, created_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                        )?;
+                        for j in &batch {
+                            st.execute(rusqlite::params![
+                                j.room_id, j.seq as i64, j.id, &*j.sender_id, j.client_msg_id, j.body, j.created_at
+                            ])?;
+                        }
+                    }
+                    t.commit()
+                })();
+                if let Err(e) = commit {
+                    eprintln!("bench-relay: commit failed: {e}");
+                    std::process::exit(1);
+                }
+                let state = state.get().expect("set before serving");
+                for j in batch.drain(..) {
+                    let _ = j.tx.send(j.ack);
+                    forward(state, &j.room, j.conn_id, &j.out);
+                }
+            }
+        })?;
+    Ok(qtx)
+}
+
+/// Queues `out` to every socket of every member of `room` but the sender's.
+fn forward(state: &State, room: &Room, conn_id: u64, out: &Message) {
+    for m in &room.members {
+        if let Some(conns) = state.conns.get(m) {
+            for (id, ctx) in conns.iter() {
+                if *id != conn_id {
+                    let _ = ctx.send(out.clone());
+                }
+            }
+        }
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .or_else(|| std::env::var("RELAY_LISTEN").ok())
-        .unwrap_or_else(|| "127.0.0.1:9101".to_string());
+    let mut addr = std::env::var("RELAY_LISTEN").ok();
+    let mut durable = std::env::var("RELAY_DURABLE")
+        .ok()
+        .filter(|p| !p.is_empty());
+    let mut argv = std::env::args().skip(1);
+    while let Some(a) = argv.next() {
+        if a == "--durable" {
+            durable = Some(
+                argv.next()
+                    .ok_or_else(|| anyhow::anyhow!("--durable needs a path"))?,
+            );
+        } else {
+            addr = Some(a);
+        }
+    }
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:9101".to_string());
     let listener = TcpListener::bind(&addr).await?;
-    eprintln!("bench-relay listening on {addr}");
-    let state = Arc::new(State::default());
+    let cell = Arc::new(std::sync::OnceLock::new());
+    let writer = match &durable {
+        Some(p) => Some(start_writer(p, cell.clone())?),
+        None => None,
+    };
+    let state = Arc::new(State {
+        durable: writer,
+        ..State::default()
+    });
+    let _ = cell.set(state.clone());
+    match &durable {
+        Some(p) => eprintln!(
+            "bench-relay listening on {addr}, durable: SQLite {p} (WAL, synchronous=FULL)"
+        ),
+        None => eprintln!("bench-relay listening on {addr}"),
+    }
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
@@ -465,7 +587,6 @@ fn handle_frame(
                 created_at: &created_at,
             })
             .expect("serialisable");
-            let _ = tx.send(Message::text(ack));
             let out = serde_json::to_string(&OutMessage {
                 ty: "message",
                 id: &mid,
@@ -478,14 +599,26 @@ fn handle_frame(
             })
             .expect("serialisable");
             let out = Message::Text(Utf8Bytes::from(out));
-            for m in &room.members {
-                if let Some(conns) = state.conns.get(m) {
-                    for (id, ctx) in conns.iter() {
-                        if *id != conn_id {
-                            let _ = ctx.send(out.clone());
-                        }
-                    }
-                }
+            if let Some(q) = &state.durable {
+                // Queued under the room's lock, so the writer stores, acks and forwards
+                // each room's messages in seq order.
+                let _ = q.send(Job {
+                    room_id: room_id.into_owned(),
+                    seq,
+                    id: mid,
+                    sender_id: me.clone(),
+                    client_msg_id: cmid.into_owned(),
+                    body: body.into_owned(),
+                    created_at,
+                    tx: tx.clone(),
+                    conn_id,
+                    ack: Message::text(ack),
+                    out,
+                    room: room.clone(),
+                });
+            } else {
+                let _ = tx.send(Message::text(ack));
+                forward(state, &room, conn_id, &out);
             }
             drop(seq_guard);
         }
