@@ -129,7 +129,10 @@ impl Hub {
                 metrics::counter!("chatd_broker_unroutable_total").increment(1);
             }
             Err(e) => {
-                if !self.broker_down.swap(true, Ordering::Relaxed) {
+                if self.shutdown.is_cancelled() {
+                    // The node is stopping: its broker may be closed already.
+                    tracing::debug!(error = %e, "broker publish failed: shutting down");
+                } else if !self.broker_down.swap(true, Ordering::Relaxed) {
                     tracing::warn!(error = %e, "broker publish failed; clients recover from the store");
                 }
                 metrics::counter!("chatd_broker_publish_failed_total").increment(1);

@@ -217,7 +217,12 @@ async fn go_offline(st: &mut SessionState, myself: &ActorRef<SessionMsg>) {
     st.hub.sessions.retire(st.user_id.clone(), myself.get_id());
     let now = now_rfc3339();
     if let Err(e) = st.hub.stores.users.set_last_seen(&st.user_id, &now).await {
-        tracing::warn!(error = %e, "could not store last_seen");
+        if st.hub.shutdown.is_cancelled() {
+            // The node is stopping and the store may already be closed.
+            tracing::debug!(error = %e, "last_seen not stored: shutting down");
+        } else {
+            tracing::warn!(error = %e, "could not store last_seen");
+        }
     }
     announce(st, false, Some(now)).await;
     myself.stop(Some(StopReason::Empty.into()));
@@ -226,6 +231,11 @@ async fn go_offline(st: &mut SessionState, myself: &ActorRef<SessionMsg>) {
 async fn announce(st: &SessionState, online: bool, last_seen: Option<String>) {
     let audience = match audience_of(&st.hub, &st.user_id).await {
         Ok(a) => a,
+        Err(e) if st.hub.shutdown.is_cancelled() => {
+            // The node is stopping and the store may already be closed.
+            tracing::debug!(error = %e, "presence audience unavailable: shutting down");
+            Vec::new()
+        }
         Err(e) => {
             tracing::warn!(error = %e, "presence audience unavailable");
             Vec::new()
