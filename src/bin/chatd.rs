@@ -90,6 +90,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()> {
+    use chatd::blobs::transfer::BlobTransfer;
     use chatd::store::transfer;
     use std::io::BufReader;
     // stdout may carry the export: logs go to stderr, warnings and worse.
@@ -101,20 +102,25 @@ async fn transfer(cmd: Command, settings: &chatd::Settings) -> anyhow::Result<()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let store = &settings.store;
+    // Attachment files travel with the store's records.
+    let blobs = chatd::blobs::transfer::open(settings).await?;
+    let dump = || Some(Box::new(BlobTransfer(blobs.clone())) as Box<dyn transfer::Dump>);
+    let load = || Some(Box::new(BlobTransfer(blobs.clone())) as Box<dyn transfer::Load>);
     let counts = match cmd {
         Command::Export { output: Some(p) } => {
-            transfer::export(store, std::fs::File::create(p)?, true).await?
+            transfer::export_with(store, dump(), std::fs::File::create(p)?, true).await?
         }
         Command::Export { output: None } => {
-            transfer::export(store, std::io::stdout(), true).await?
+            transfer::export_with(store, dump(), std::io::stdout(), true).await?
         }
         Command::Import { input: Some(p) } => {
             let f = std::fs::File::open(p)?;
             let size = f.metadata()?.len();
-            transfer::import(store, BufReader::new(f), Some(size), true).await?
+            transfer::import_with(store, load(), BufReader::new(f), Some(size), true).await?
         }
         Command::Import { input: None } => {
-            transfer::import(store, BufReader::new(std::io::stdin()), None, true).await?
+            let stdin = BufReader::new(std::io::stdin());
+            transfer::import_with(store, load(), stdin, None, true).await?
         }
         Command::Admin { .. } => unreachable!("handled in main"),
     };

@@ -48,9 +48,18 @@ fn not_found_ok(r: std::io::Result<()>) -> Result<bool, BlobError> {
 impl FsBlobStore {
     /// Creates the directories and clears writes a crash left in `tmp/`.
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
-        let root = root.into();
+        Self::open_with(root.into(), true).await
+    }
+
+    /// Opens beside a server that may be running (`chatd export` / `import`):
+    /// leaves `tmp/` alone, as it may hold uploads in progress.
+    pub async fn open_beside(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
+        Self::open_with(root.into(), false).await
+    }
+
+    async fn open_with(root: PathBuf, clear_tmp: bool) -> Result<Self, BlobError> {
         let tmp = root.join("tmp");
-        if tmp.exists() {
+        if clear_tmp && tmp.exists() {
             tokio::fs::remove_dir_all(&tmp).await.map_err(io_err)?;
         }
         tokio::fs::create_dir_all(&tmp).await.map_err(io_err)?;
@@ -132,6 +141,66 @@ impl FsBlobStore {
         Ok(done)
     }
 
+    /// Stores `body` under `new.id` with the given creation time and binding;
+    /// with `expect`, the bytes must have exactly that size and SHA-256.
+    async fn put_as(
+        &self,
+        new: NewBlob,
+        body: ByteStream,
+        max_bytes: u64,
+        created_at: String,
+        attached: Option<Attached>,
+        expect: Option<(u64, String)>,
+    ) -> Result<BlobMeta, BlobError> {
+        let part = self.root.join("tmp").join(format!("{}.part", new.id));
+        // A dropped upload (the client went away and the request future with
+        // it) must not leave its part behind.
+        let _cleanup = RemoveOnDrop(part.clone());
+        let received = Self::receive(&part, body, max_bytes).await;
+        let received = received.and_then(|r| super::check_expected(&new.id, r, expect));
+        let (size, sha256) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(e);
+            }
+        };
+        let meta = BlobMeta {
+            id: new.id,
+            uploader: new.uploader,
+            room_id: new.room_id,
+            filename: new.filename,
+            content_type: new.content_type,
+            size,
+            sha256,
+            width: new.width,
+            height: new.height,
+            created_at,
+            attached,
+        };
+        let placed = async {
+            // The marker first: whatever a crash leaves from here on, the
+            // sweeper finds.
+            if meta.attached.is_none() {
+                self.write_atomic(&self.marker_path(&meta.id), meta.created_at.as_bytes())
+                    .await?;
+            }
+            let dir = self.root.join(&meta.id.as_str()[..2]);
+            tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;
+            tokio::fs::rename(&part, self.bytes_path(&meta.id))
+                .await
+                .map_err(io_err)?;
+            self.write_meta(&meta).await
+        }
+        .await;
+        if let Err(e) = placed {
+            let _ = tokio::fs::remove_file(&part).await;
+            let _ = self.remove_all(&meta.id).await;
+            return Err(e);
+        }
+        Ok(meta)
+    }
+
     /// Removes the metadata (which hides the file), the bytes and the marker.
     async fn remove_all(&self, id: &AttachmentId) -> Result<bool, BlobError> {
         let had_meta = not_found_ok(tokio::fs::remove_file(self.meta_path(id)).await)?;
@@ -162,50 +231,35 @@ impl BlobStore for FsBlobStore {
         body: ByteStream,
         max_bytes: u64,
     ) -> Result<BlobMeta, BlobError> {
-        let part = self.root.join("tmp").join(format!("{}.part", new.id));
-        // A dropped upload (the client went away and the request future with
-        // it) must not leave its part behind.
-        let _cleanup = RemoveOnDrop(part.clone());
-        let received = Self::receive(&part, body, max_bytes).await;
-        let (size, sha256) = match received {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&part).await;
-                return Err(e);
+        let now = crate::domain::now_rfc3339();
+        self.put_as(new, body, max_bytes, now, None, None).await
+    }
+
+    async fn restore(&self, meta: BlobMeta, body: ByteStream) -> Result<BlobMeta, BlobError> {
+        let (new, created_at, attached, expect) = super::split_meta(meta);
+        self.put_as(new, body, u64::MAX, created_at, attached, Some(expect))
+            .await
+    }
+
+    async fn list(&self) -> Result<Vec<BlobMeta>, BlobError> {
+        let mut out = Vec::new();
+        let mut dirs = tokio::fs::read_dir(&self.root).await.map_err(io_err)?;
+        while let Some(d) = dirs.next_entry().await.map_err(io_err)? {
+            let name = d.file_name().to_string_lossy().into_owned();
+            if name.len() != 2 || !d.file_type().await.map_err(io_err)?.is_dir() {
+                continue;
             }
-        };
-        let meta = BlobMeta {
-            id: new.id,
-            uploader: new.uploader,
-            room_id: new.room_id,
-            filename: new.filename,
-            content_type: new.content_type,
-            size,
-            sha256,
-            width: new.width,
-            height: new.height,
-            created_at: crate::domain::now_rfc3339(),
-            attached: None,
-        };
-        let placed = async {
-            // The marker first: whatever a crash leaves from here on, the
-            // sweeper finds.
-            self.write_atomic(&self.marker_path(&meta.id), meta.created_at.as_bytes())
-                .await?;
-            let dir = self.root.join(&meta.id.as_str()[..2]);
-            tokio::fs::create_dir_all(&dir).await.map_err(io_err)?;
-            tokio::fs::rename(&part, self.bytes_path(&meta.id))
-                .await
-                .map_err(io_err)?;
-            self.write_meta(&meta).await
+            let mut files = tokio::fs::read_dir(d.path()).await.map_err(io_err)?;
+            while let Some(f) = files.next_entry().await.map_err(io_err)? {
+                let fname = f.file_name().to_string_lossy().into_owned();
+                let Some(Ok(id)) = fname.strip_suffix(".json").map(AttachmentId::parse) else {
+                    continue;
+                };
+                out.extend(self.read_meta(&id).await?);
+            }
         }
-        .await;
-        if let Err(e) = placed {
-            let _ = tokio::fs::remove_file(&part).await;
-            let _ = self.remove_all(&meta.id).await;
-            return Err(e);
-        }
-        Ok(meta)
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
     }
 
     async fn meta(&self, id: &AttachmentId) -> Result<Option<BlobMeta>, BlobError> {

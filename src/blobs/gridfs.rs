@@ -189,40 +189,23 @@ impl GridFsBlobStore {
         d.as_ref().map(parse_meta).transpose()
     }
 
-    /// Removes the files document (which hides the file) matching `filter`,
-    /// then its chunks; `true` if a document was removed.
-    async fn remove(&self, id: &AttachmentId, filter: Document) -> Result<bool, BlobError> {
-        let r = self.files.delete_one(filter).await.map_err(mongo_err)?;
-        if r.deleted_count == 0 {
-            return Ok(false);
-        }
-        self.chunks
-            .delete_many(doc! { "files_id": id.as_str() })
-            .await
-            .map_err(mongo_err)?;
-        Ok(true)
-    }
-}
-
-#[async_trait]
-impl BlobStore for GridFsBlobStore {
-    fn backend(&self) -> &'static str {
-        "gridfs"
-    }
-
-    async fn put(
+    /// Stores `body` under `new.id` with the given creation time and binding;
+    /// with `expect`, the bytes must have exactly that size and SHA-256.
+    async fn put_as(
         &self,
         new: NewBlob,
         mut body: ByteStream,
         max_bytes: u64,
+        created_at: String,
+        attached: Option<Attached>,
+        expect: Option<(u64, String)>,
     ) -> Result<BlobMeta, BlobError> {
-        let created_at = crate::domain::now_rfc3339();
         let mut metadata = doc! {
             "uploader": new.uploader.as_str(),
             "room_id": new.room_id.as_str(),
             "content_type": &new.content_type,
             "created_at": &created_at,
-            "attached": Bson::Null,
+            "attached": attached.as_ref().map_or(Bson::Null, |a| Bson::Document(attached_doc(a))),
             "complete": false,
         };
         if let Some(w) = new.width {
@@ -254,6 +237,7 @@ impl BlobStore for GridFsBlobStore {
             Ok((size, sha256))
         }
         .await;
+        let written = written.and_then(|r| super::check_expected(&new.id, r, expect));
         let (size, sha256) = match written {
             Ok(r) => r,
             Err(e) => {
@@ -291,8 +275,59 @@ impl BlobStore for GridFsBlobStore {
             width: new.width,
             height: new.height,
             created_at,
-            attached: None,
+            attached,
         })
+    }
+
+    /// Removes the files document (which hides the file) matching `filter`,
+    /// then its chunks; `true` if a document was removed.
+    async fn remove(&self, id: &AttachmentId, filter: Document) -> Result<bool, BlobError> {
+        let r = self.files.delete_one(filter).await.map_err(mongo_err)?;
+        if r.deleted_count == 0 {
+            return Ok(false);
+        }
+        self.chunks
+            .delete_many(doc! { "files_id": id.as_str() })
+            .await
+            .map_err(mongo_err)?;
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl BlobStore for GridFsBlobStore {
+    fn backend(&self) -> &'static str {
+        "gridfs"
+    }
+
+    async fn put(
+        &self,
+        new: NewBlob,
+        body: ByteStream,
+        max_bytes: u64,
+    ) -> Result<BlobMeta, BlobError> {
+        let now = crate::domain::now_rfc3339();
+        self.put_as(new, body, max_bytes, now, None, None).await
+    }
+
+    async fn restore(&self, meta: BlobMeta, body: ByteStream) -> Result<BlobMeta, BlobError> {
+        let (new, created_at, attached, expect) = super::split_meta(meta);
+        self.put_as(new, body, u64::MAX, created_at, attached, Some(expect))
+            .await
+    }
+
+    async fn list(&self) -> Result<Vec<BlobMeta>, BlobError> {
+        let mut cursor = self
+            .files
+            .find(doc! { "metadata.complete": true })
+            .sort(doc! { "_id": 1 })
+            .await
+            .map_err(mongo_err)?;
+        let mut out = Vec::new();
+        while let Some(d) = cursor.try_next().await.map_err(mongo_err)? {
+            out.push(parse_meta(&d)?);
+        }
+        Ok(out)
     }
 
     async fn meta(&self, id: &AttachmentId) -> Result<Option<BlobMeta>, BlobError> {

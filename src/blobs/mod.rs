@@ -20,6 +20,7 @@ pub mod fs;
 pub mod gridfs;
 pub mod ingest;
 pub mod sweeper;
+pub mod transfer;
 
 use std::ops::Range;
 use std::pin::Pin;
@@ -218,6 +219,16 @@ pub trait BlobStore: Send + Sync {
         max_bytes: u64,
     ) -> Result<BlobMeta, BlobError>;
 
+    /// Stores `body` under `meta.id` keeping all of `meta` (creation time,
+    /// binding), for `chatd import`. The bytes must have exactly `meta.size`
+    /// and `meta.sha256` (`Invalid` with code `checksum_mismatch` otherwise);
+    /// on any error nothing stays visible.
+    async fn restore(&self, meta: BlobMeta, body: ByteStream) -> Result<BlobMeta, BlobError>;
+
+    /// The metadata of every completely stored attachment, by id (for
+    /// `chatd export`).
+    async fn list(&self) -> Result<Vec<BlobMeta>, BlobError>;
+
     /// The metadata of a completely stored attachment.
     async fn meta(&self, id: &AttachmentId) -> Result<Option<BlobMeta>, BlobError>;
 
@@ -258,6 +269,39 @@ pub async fn open(settings: &Settings) -> Result<Arc<dyn BlobStore>, BlobError> 
         _ => Ok(Arc::new(
             fs::FsBlobStore::open(settings.data_dir().join("attachments")).await?,
         )),
+    }
+}
+
+/// A [`BlobMeta`] as what [`BlobStore::restore`] passes to a backend's
+/// put: the upload, its creation time, its binding and `(size, sha256)`.
+pub(crate) fn split_meta(m: BlobMeta) -> (NewBlob, String, Option<Attached>, (u64, String)) {
+    let new = NewBlob {
+        id: m.id,
+        uploader: m.uploader,
+        room_id: m.room_id,
+        filename: m.filename,
+        content_type: m.content_type,
+        width: m.width,
+        height: m.height,
+    };
+    (new, m.created_at, m.attached, (m.size, m.sha256))
+}
+
+/// `got` (size, sha256) if it is what `expect` says (or nothing is expected).
+pub(crate) fn check_expected(
+    id: &AttachmentId,
+    got: (u64, String),
+    expect: Option<(u64, String)>,
+) -> Result<(u64, String), BlobError> {
+    match expect {
+        Some(want) if want != got => Err(BlobError::invalid(
+            "checksum_mismatch",
+            format!(
+                "attachment {id}: the bytes are {} bytes with sha256 {}, but the record says {} bytes with sha256 {}",
+                got.0, got.1, want.0, want.1
+            ),
+        )),
+        _ => Ok(got),
     }
 }
 

@@ -3,14 +3,18 @@
 //!
 //! The stream is one JSON object per line: a `header` (format, version,
 //! source backend, totals), then every `user`, `room`, `member`, `message`,
-//! `block`, `device` and `refresh_token`, then an `end` with the counts, so
-//! a cut-off file is refused rather than half-loaded.
+//! `block`, `device` and `refresh_token`, then every `attachment` (its
+//! metadata) each followed by its `attachment_chunk`s (the file's bytes in
+//! base64, at most [`CHUNK_BYTES`] raw bytes each), then an `end` with the
+//! counts, so a cut-off file is refused rather than half-loaded.
 //!
 //! This module owns only the line format. Each backend implements [`Dump`]
 //! (send every record in load order into a bounded channel) and [`Load`]
 //! (store the records it receives into an empty store); here the header
 //! and end lines are written and checked, records counted, lines parsed
-//! and numbered, and progress drawn.
+//! and numbered, and progress drawn. The attachment records have their own
+//! [`Dump`]/[`Load`] on the blob side (`crate::blobs::transfer`), passed to
+//! [`export_with`] / [`import_with`].
 //!
 //! Import only goes into an empty store (of the configured backend, created
 //! if needed). Into SQLite it is one transaction: all or nothing. Into
@@ -37,6 +41,9 @@ pub const FORMAT: &str = "chatd-export";
 /// The version of the line format this build writes and reads.
 pub const VERSION: u32 = 1;
 
+/// Most raw bytes in one `attachment_chunk` (1 MiB).
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+
 /// Why an export or import failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransferError {
@@ -54,6 +61,8 @@ pub enum TransferError {
     Missing(String),
     #[error("store kind {0:?} cannot be exported or imported (expected sqlite or mongodb)")]
     Kind(String),
+    #[error("attachments: {0}")]
+    Blob(#[from] crate::blobs::BlobError),
 }
 
 /// How many records of each kind.
@@ -66,6 +75,11 @@ pub struct Counts {
     pub blocks: u64,
     pub devices: u64,
     pub refresh_tokens: u64,
+    /// Attachment metadata records (absent in exports made before attachments).
+    #[serde(default)]
+    pub attachments: u64,
+    #[serde(default)]
+    pub attachment_chunks: u64,
 }
 
 impl Counts {
@@ -78,6 +92,21 @@ impl Counts {
             + self.blocks
             + self.devices
             + self.refresh_tokens
+            + self.attachments
+            + self.attachment_chunks
+    }
+
+    /// Adds `other`'s counts to these.
+    pub fn add(&mut self, o: &Counts) {
+        self.users += o.users;
+        self.rooms += o.rooms;
+        self.members += o.members;
+        self.messages += o.messages;
+        self.blocks += o.blocks;
+        self.devices += o.devices;
+        self.refresh_tokens += o.refresh_tokens;
+        self.attachments += o.attachments;
+        self.attachment_chunks += o.attachment_chunks;
     }
 
     /// Counts one record (header and end lines count for nothing).
@@ -90,6 +119,8 @@ impl Counts {
             Record::Block(_) => self.blocks += 1,
             Record::Device(_) => self.devices += 1,
             Record::RefreshToken(_) => self.refresh_tokens += 1,
+            Record::Attachment(_) => self.attachments += 1,
+            Record::AttachmentChunk(_) => self.attachment_chunks += 1,
             Record::Header(_) | Record::End(_) => {}
         }
     }
@@ -100,7 +131,7 @@ impl std::fmt::Display for Counts {
         write!(
             f,
             "{} records: {} users, {} rooms, {} members, {} messages, {} blocks, {} devices, \
-             {} refresh tokens",
+             {} refresh tokens, {} attachments ({} chunks)",
             self.total(),
             self.users,
             self.rooms,
@@ -108,7 +139,9 @@ impl std::fmt::Display for Counts {
             self.messages,
             self.blocks,
             self.devices,
-            self.refresh_tokens
+            self.refresh_tokens,
+            self.attachments,
+            self.attachment_chunks
         )
     }
 }
@@ -213,6 +246,16 @@ pub struct RefreshRec {
     pub used: bool,
 }
 
+/// Some bytes of an attachment's file: `data` is standard base64 of at most
+/// [`CHUNK_BYTES`] bytes starting at `offset`. The chunks of an attachment
+/// follow its `attachment` record in order, without gaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttachmentChunkRec {
+    pub id: crate::blobs::AttachmentId,
+    pub offset: u64,
+    pub data: String,
+}
+
 /// One line of an export.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -225,6 +268,10 @@ pub enum Record {
     Block(BlockRec),
     Device(DeviceRec),
     RefreshToken(RefreshRec),
+    /// An attachment's metadata (id, uploader, room, filename, content type,
+    /// size, sha256, width, height, created_at, the message it is attached to).
+    Attachment(crate::blobs::BlobMeta),
+    AttachmentChunk(AttachmentChunkRec),
     End(End),
 }
 
@@ -256,7 +303,7 @@ pub trait Load: Send + Sync {
 const CLOSED: &str = "the other side of the transfer stopped";
 
 /// The channel closed early: the other side failed and reports why.
-pub(crate) fn closed() -> TransferError {
+pub fn closed() -> TransferError {
     TransferError::Incomplete(CLOSED.into())
 }
 
@@ -342,13 +389,39 @@ pub async fn export<W>(cfg: &StoreConfig, out: W, progress: bool) -> Result<Coun
 where
     W: Write + Send + 'static,
 {
+    export_with(cfg, None, out, progress).await
+}
+
+/// [`export`], then the records of `extra` (the blob store's attachments)
+/// after the store's.
+pub async fn export_with<W>(
+    cfg: &StoreConfig,
+    extra: Option<Box<dyn Dump>>,
+    out: W,
+    progress: bool,
+) -> Result<Counts, TransferError>
+where
+    W: Write + Send + 'static,
+{
     let (source, backend) = dumper(cfg).await?;
-    let head = header(source, backend.totals().await?);
+    let mut totals = backend.totals().await?;
+    if let Some(x) = &extra {
+        totals.add(&x.totals().await?);
+    }
+    let head = header(source, totals);
     let (tx, rx) = mpsc::channel(1024);
     let (done, finished) = tokio::sync::oneshot::channel();
     let writer =
         tokio::task::spawn_blocking(move || write_lines(head, rx, finished, out, progress));
-    let dumped = backend.dump(tx).await;
+    // Moves `tx` in: the writer sees the channel close once both are done.
+    let dumped = async move {
+        backend.dump(tx.clone()).await?;
+        match extra {
+            Some(x) => x.dump(tx).await,
+            None => Ok(()),
+        }
+    }
+    .await;
     let _ = done.send(dumped.is_ok());
     let written = writer
         .await
@@ -441,51 +514,142 @@ pub async fn import<R>(
 where
     R: BufRead + Send + 'static,
 {
+    import_with(cfg, None, input, size, progress).await
+}
+
+/// [`import`], with the `attachment` and `attachment_chunk` records going to
+/// `extra` (the blob store's [`Load`]); without it they are refused. The
+/// store's load is only finished (committed, for SQLite) once `extra`'s
+/// succeeded.
+pub async fn import_with<R>(
+    cfg: &StoreConfig,
+    extra: Option<Box<dyn Load>>,
+    input: R,
+    size: Option<u64>,
+    progress: bool,
+) -> Result<Counts, TransferError>
+where
+    R: BufRead + Send + 'static,
+{
+    // Opening creates the file and schema (or checks an existing one), before
+    // the side writes anything beside it.
+    let target: Box<dyn Load> = match cfg.kind {
+        StoreKind::Sqlite => Box::new(SqliteStore::open(&cfg.sqlite).await?),
+        StoreKind::Mongodb => Box::new(MongoStore::open(&cfg.mongodb).await?),
+    };
     let (tx, rx) = mpsc::channel(1024);
     let reader = tokio::task::spawn_blocking(move || read_lines(input, tx, size, progress));
     let (body_tx, body_rx) = mpsc::channel(1024);
-    let load = async {
-        match cfg.kind {
-            // Opening creates the file and schema (or checks an existing one).
-            StoreKind::Sqlite => SqliteStore::open(&cfg.sqlite).await?.load(body_rx).await,
-            StoreKind::Mongodb => MongoStore::open(&cfg.mongodb).await?.load(body_rx).await,
+    let (side, side_load) = match extra {
+        Some(x) => {
+            let (stx, srx) = mpsc::channel(64);
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+            let load = async move {
+                let r = x.load(srx).await;
+                let _ = done_tx.send(r.is_ok());
+                Some(r)
+            };
+            (
+                Some((stx, done_rx)),
+                futures_util::future::Either::Left(load),
+            )
         }
+        None => (None, futures_util::future::Either::Right(async { None })),
     };
-    let (loaded, ()) = tokio::join!(load, check_lines(rx, body_tx));
+    let load = target.load(body_rx);
+    let (loaded, side_loaded, ()) = tokio::join!(load, side_load, check_lines(rx, body_tx, side));
     // The reader stops by itself once the checker drops its end.
     let _ = reader.await;
-    loaded
+    match (loaded, side_loaded) {
+        (Ok(mut c), Some(Ok(s))) => {
+            c.add(&s);
+            Ok(c)
+        }
+        (Ok(c), None) => Ok(c),
+        // The side failed first (the store was told to stop): that is the cause.
+        (Err(e), Some(Err(s))) if is_closed(&e) && !is_closed(&s) => Err(s),
+        (Err(e), _) => Err(e),
+        (Ok(_), Some(Err(s))) => Err(s),
+    }
+}
+
+/// Where the attachment records of an import go, and whether they loaded.
+type Side = Option<(LineTx, tokio::sync::oneshot::Receiver<bool>)>;
+
+fn is_attachment(r: &Record) -> bool {
+    matches!(r, Record::Attachment(_) | Record::AttachmentChunk(_))
 }
 
 /// Checks the line format (header, counts, end line) and passes the data
 /// records on to the backend; a bad or cut-off input reaches the backend
 /// as an `Err` item, after which nothing more is sent.
-async fn check_lines(mut rx: LineRx, tx: LineTx) {
+///
+/// Attachment records go to `side` (refused without one); once the input is
+/// read, the store's channel is closed only after the side loaded all, and
+/// the store is told to stop if it failed.
+async fn check_lines(mut rx: LineRx, tx: LineTx, side: Side) {
+    let (side_tx, side_done) = match side {
+        Some((t, d)) => (Some(t), Some(d)),
+        None => (None, None),
+    };
     if let Err(e) = check_header(rx.recv().await) {
-        let _ = tx.send(Err(e)).await;
+        fail(&tx, side_tx.as_ref(), e).await;
         return;
     }
     let mut body = Body::default();
     while let Some(item) = rx.recv().await {
         let next = item.and_then(|(line, r)| Ok(body.next(line, r)?.map(|r| (line, r))));
         match next {
+            Ok(Some((line, r))) if is_attachment(&r) => {
+                let Some(s) = &side_tx else {
+                    let line_err = TransferError::Format {
+                        line,
+                        msg: "attachment records, but no attachment storage to load them into"
+                            .into(),
+                    };
+                    fail(&tx, None, line_err).await;
+                    return;
+                };
+                if s.send(Ok((line, r))).await.is_err() {
+                    // The side failed and reports why; the store keeps nothing.
+                    let _ = tx.send(Err(closed())).await;
+                    return;
+                }
+            }
             Ok(Some(x)) => {
                 if tx.send(Ok(x)).await.is_err() {
+                    if let Some(s) = &side_tx {
+                        let _ = s.send(Err(closed())).await;
+                    }
                     return;
                 }
             }
             Ok(None) => {}
             Err(e) => {
-                let _ = tx.send(Err(e)).await;
+                fail(&tx, side_tx.as_ref(), e).await;
                 return;
             }
         }
     }
     if !body.ended {
-        let _ = tx
-            .send(Err(TransferError::Incomplete("no end line".into())))
-            .await;
+        let cut = TransferError::Incomplete("no end line".into());
+        fail(&tx, side_tx.as_ref(), cut).await;
+        return;
     }
+    drop(side_tx);
+    if let Some(done) = side_done {
+        if done.await != Ok(true) {
+            let _ = tx.send(Err(closed())).await;
+        }
+    }
+}
+
+/// Sends `e` to the store's load and tells the side to stop.
+async fn fail(tx: &LineTx, side: Option<&LineTx>, e: TransferError) {
+    if let Some(s) = side {
+        let _ = s.send(Err(closed())).await;
+    }
+    let _ = tx.send(Err(e)).await;
 }
 
 fn read_lines<R: BufRead>(mut input: R, tx: LineTx, size: Option<u64>, progress: bool) {

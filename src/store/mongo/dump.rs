@@ -51,6 +51,8 @@ impl Dump for MongoStore {
             blocks: count(db, BLOCKS).await?,
             devices: count(db, DEVICES).await?,
             refresh_tokens: count(db, REFRESH_TOKENS).await?,
+            attachments: 0,
+            attachment_chunks: 0,
         })
     }
 
@@ -267,7 +269,10 @@ impl Batches {
                 d.used = t.used;
                 self.refresh.push(d);
             }
-            Record::Header(_) | Record::End(_) => {}
+            Record::Header(_)
+            | Record::End(_)
+            | Record::Attachment(_)
+            | Record::AttachmentChunk(_) => {}
         }
     }
 

@@ -69,6 +69,8 @@ impl Dump for SqliteStore {
                 blocks: next()?,
                 devices: next()?,
                 refresh_tokens: next()?,
+                attachments: 0,
+                attachment_chunks: 0,
             })
         })
         .await
@@ -437,7 +439,8 @@ fn insert(c: &Connection, keys: &mut Keys, line: u64, r: Record) -> Result<(), T
             })
             .map_err(sql)?;
         }
-        Record::Header(_) | Record::End(_) => {}
+        Record::Header(_) | Record::End(_) | Record::Attachment(_) | Record::AttachmentChunk(_) => {
+        }
     }
     Ok(())
 }
