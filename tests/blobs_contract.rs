@@ -46,11 +46,22 @@ async fn files_survive_a_restart_and_clear_partial_writes() {
     s.put(nb, contract::chunked(b"kept across restarts", 4), 1000)
         .await
         .unwrap();
-    // What a crash mid-upload leaves.
-    std::fs::write(root.join("tmp").join("x.part"), b"half").unwrap();
+    // What a crash mid-upload left long ago, and another node's upload in
+    // progress (nodes of a cluster may share the directory).
+    let stale = root.join("tmp").join("x.part");
+    std::fs::write(&stale, b"half").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - 2 * blobs::fs::STALE_TMP)
+        .unwrap();
+    let fresh = root.join("tmp").join("y.part");
+    std::fs::write(&fresh, b"in progress").unwrap();
     drop(s);
     let s = blobs::fs::FsBlobStore::open(&root).await.unwrap();
-    assert_eq!(std::fs::read_dir(root.join("tmp")).unwrap().count(), 0);
+    assert!(!stale.exists(), "a crash's leftover is removed");
+    assert!(fresh.exists(), "an upload in progress is left alone");
     let m = s.meta(&id).await.unwrap().unwrap();
     let back = contract::collect(s.read(&id, 0..m.size).await.unwrap())
         .await

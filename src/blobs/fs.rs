@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! attachments/
-//!   tmp/<id>.part, tmp/<id>.json.tmp   writes in progress (cleared at start)
+//!   tmp/<id>.part, tmp/<id>.json.tmp   writes in progress (left by a crash: removed at start once an hour old)
 //!   ab/<id>                            the bytes (ab = first two hex digits)
 //!   ab/<id>.json                       the metadata; its presence makes the file visible
 //!   unattached/<id>                    one marker per upload not yet bound to a message
@@ -37,6 +37,34 @@ fn io_err(e: std::io::Error) -> BlobError {
     BlobError::Internal(format!("attachment file: {e}"))
 }
 
+/// How old a file in `tmp/` must be to count as left by a crash.
+pub const STALE_TMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes files of `tmp/` older than [`STALE_TMP`]; a file that another
+/// node renames or removes meanwhile is simply gone.
+async fn clear_stale(tmp: &std::path::Path) -> std::io::Result<()> {
+    let mut dir = tokio::fs::read_dir(tmp).await?;
+    while let Some(e) = dir.next_entry().await? {
+        let stale = match e.metadata().await {
+            Ok(m) => m
+                .modified()
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > STALE_TMP),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => false,
+            Err(err) => return Err(err),
+        };
+        if stale {
+            match tokio::fs::remove_file(e.path()).await {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    Ok(())
+}
+
 fn not_found_ok(r: std::io::Result<()>) -> Result<bool, BlobError> {
     match r {
         Ok(()) => Ok(true),
@@ -46,7 +74,9 @@ fn not_found_ok(r: std::io::Result<()>) -> Result<bool, BlobError> {
 }
 
 impl FsBlobStore {
-    /// Creates the directories and clears writes a crash left in `tmp/`.
+    /// Creates the directories and clears writes a crash left in `tmp/`
+    /// (those older than [`STALE_TMP`]: nodes of a cluster may share the
+    /// directory, and another node's upload in progress must survive).
     pub async fn open(root: impl Into<PathBuf>) -> Result<Self, BlobError> {
         Self::open_with(root.into(), true).await
     }
@@ -59,10 +89,10 @@ impl FsBlobStore {
 
     async fn open_with(root: PathBuf, clear_tmp: bool) -> Result<Self, BlobError> {
         let tmp = root.join("tmp");
-        if clear_tmp && tmp.exists() {
-            tokio::fs::remove_dir_all(&tmp).await.map_err(io_err)?;
-        }
         tokio::fs::create_dir_all(&tmp).await.map_err(io_err)?;
+        if clear_tmp {
+            clear_stale(&tmp).await.map_err(io_err)?;
+        }
         tokio::fs::create_dir_all(root.join("unattached"))
             .await
             .map_err(io_err)?;
