@@ -7,46 +7,12 @@
 
 use std::time::Instant;
 
-use chatd::config::{Settings, StoreConfig};
 use chatd::domain::{ClientMsgId, MessageBody, RoomId, UserId};
 use chatd::store::{self, HistoryQuery, NewMessage, Stores};
 
-/// The MongoDB URI under test, or `None` to skip.
-fn mongo_uri() -> Option<String> {
-    match std::env::var("CHAT_TEST_MONGODB_URI") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CHAT_REQUIRE_MONGODB").as_deref() != Ok("1"),
-                "CHAT_REQUIRE_MONGODB=1 but CHAT_TEST_MONGODB_URI is not set"
-            );
-            eprintln!("CHAT_TEST_MONGODB_URI is not set: MongoDB test skipped");
-            None
-        }
-    }
-}
-
-/// A config for a fresh, uniquely named database on the server under test.
-fn mongo_cfg(uri: &str) -> StoreConfig {
-    let mut cfg = Settings::defaults().store;
-    cfg.kind = chatd::config::StoreKind::Mongodb;
-    cfg.mongodb.uri = uri.to_owned();
-    cfg.mongodb.database = format!(
-        "chatd_test_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    cfg
-}
-
-async fn drop_db(cfg: &StoreConfig) {
-    mongodb::Client::with_uri_str(&cfg.mongodb.uri)
-        .await
-        .unwrap()
-        .database(&cfg.mongodb.database)
-        .drop()
-        .await
-        .unwrap();
-}
+#[path = "support/mongo.rs"]
+mod mongo_support;
+use mongo_support::{drop_db, mongo_cfg, mongo_uri};
 
 fn msg(room: &RoomId, from: &UserId, cmid: &str, body: &str) -> NewMessage {
     NewMessage {

@@ -5,6 +5,10 @@
 use chatd::config::{Settings, StoreConfig};
 use chatd::store::{self, StoreError};
 
+#[path = "support/mongo.rs"]
+mod mongo_support;
+use mongo_support::{mongo_cfg, mongo_uri};
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_passes_the_store_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -35,34 +39,6 @@ async fn sqlite_refuses_an_unknown_schema_version() {
     drop(c);
     let err = store::open(&cfg).await.err().expect("must refuse");
     assert!(err.to_string().contains("schema version 999"), "{err}");
-}
-
-/// The MongoDB URI under test, or `None` to skip; panics when
-/// `CHAT_REQUIRE_MONGODB=1` and no URI is given, so CI cannot skip silently.
-fn mongo_uri() -> Option<String> {
-    match std::env::var("CHAT_TEST_MONGODB_URI") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CHAT_REQUIRE_MONGODB").as_deref() != Ok("1"),
-                "CHAT_REQUIRE_MONGODB=1 but CHAT_TEST_MONGODB_URI is not set"
-            );
-            eprintln!("CHAT_TEST_MONGODB_URI is not set: MongoDB test skipped");
-            None
-        }
-    }
-}
-
-/// A config for a fresh, uniquely named database on the server under test.
-fn mongo_cfg(uri: &str) -> StoreConfig {
-    let mut cfg = Settings::defaults().store;
-    cfg.kind = chatd::config::StoreKind::Mongodb;
-    cfg.mongodb.uri = uri.to_owned();
-    cfg.mongodb.database = format!(
-        "chatd_test_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    cfg
 }
 
 async fn raw_db(cfg: &StoreConfig) -> mongodb::Database {

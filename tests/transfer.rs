@@ -13,34 +13,13 @@ use chatd::store::{
     Stores,
 };
 
-fn mongo_uri() -> Option<String> {
-    match std::env::var("CHAT_TEST_MONGODB_URI") {
-        Ok(u) if !u.trim().is_empty() => Some(u),
-        _ => {
-            assert!(
-                std::env::var("CHAT_REQUIRE_MONGODB").as_deref() != Ok("1"),
-                "CHAT_REQUIRE_MONGODB=1 but CHAT_TEST_MONGODB_URI is not set"
-            );
-            eprintln!("CHAT_TEST_MONGODB_URI is not set: MongoDB test skipped");
-            None
-        }
-    }
-}
+#[path = "support/mongo.rs"]
+mod mongo_support;
+use mongo_support::{mongo_cfg, mongo_uri};
 
 fn sqlite_cfg(path: &Path) -> StoreConfig {
     let mut cfg = Settings::defaults().store;
     cfg.sqlite.path = path.to_string_lossy().into_owned();
-    cfg
-}
-
-fn mongo_cfg(uri: &str) -> StoreConfig {
-    let mut cfg = Settings::defaults().store;
-    cfg.kind = chatd::config::StoreKind::Mongodb;
-    cfg.mongodb.uri = uri.to_owned();
-    cfg.mongodb.database = format!(
-        "chatd_test_{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
     cfg
 }
 
